@@ -1,0 +1,1 @@
+"""gemma_dist: serve Google's Gemma models."""
