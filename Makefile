@@ -1,0 +1,35 @@
+# gemma_dist: `make serve` runs the default model, `make test` runs the whole test suite.
+# Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (taken from local disk on the dev/CI machines). Override for CUDA:
+#   make install TORCH_SPEC='torch==2.13.0' PIP_TORCH_ARGS='--index-url ...'
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: install serve test bench clean-cache
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/gemma-dist generate --local --chat --temperature 0 --max-tokens 96 "$(PROMPT)"
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(PY) bench/bench_model.py
+
+clean-cache:
+	rm -rf $${GEMMA_DIST_CACHE:-$$HOME/.cache/gemma_dist}

@@ -1,0 +1,133 @@
+"""The paged KV cache and the per-step attention metadata.
+
+The cache of one layer is a pair of tensors (num_blocks, block_size, kv_heads, head_dim);
+a sequence's keys live in the blocks its block table lists, in position order. The
+metadata for a step is built once from plain Python lists and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
+
+
+@dataclasses.dataclass
+class KeyView:
+    """Which cache blocks a layer kind gathers per sequence, and which keys each query may see."""
+
+    block_tables: torch.Tensor  # (B, nb) int64 block ids, padded with block 0 (masked)
+    mask: torch.Tensor  # (B, Tq, nb * block_size) bool: True where query i may attend key j
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Everything attention needs about one step's flattened batch of B sequences / T tokens."""
+
+    slot_mapping: torch.Tensor  # (T,) int64: flat cache slot (block * block_size + offset) per new token
+    query_index: torch.Tensor  # (B, Tq) int64: flat token index of each padded query row
+    flat_index: torch.Tensor  # (T,) int64: row of each flat token inside the padded (B * Tq)
+    global_view: KeyView  # GLOBAL layers: whole context
+    window_view: KeyView  # LOCAL layers: only blocks the sliding window reaches
+    last_token_index: torch.Tensor  # (B,) int64: flat index of each sequence's last new token
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                      head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
+    """Zeroed paged cache for every layer (kv heads of this rank only)."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' k, v (T, Hkv, D) at their slots."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def _key_view(first_blocks: list[int], block_tables: Sequence[Sequence[int]], query_pos: list[list[int]],
+              block_size: int, window: int | None, device: torch.device | str) -> KeyView:
+    """Gather plan for blocks [first_blocks[b], end) of each sequence, with its causal/window mask."""
+    last_blocks = [max(p) // block_size + 1 for p in query_pos]
+    num = max(last - first for first, last in zip(first_blocks, last_blocks))
+    tables = torch.zeros((len(query_pos), num), dtype=torch.int64)
+    key_pos = torch.empty((len(query_pos), num * block_size), dtype=torch.int64)
+    offsets = torch.arange(num * block_size)
+    for b, (first, last) in enumerate(zip(first_blocks, last_blocks)):
+        tables[b, : last - first] = torch.tensor(block_tables[b][first:last], dtype=torch.int64)
+        key_pos[b] = first * block_size + offsets
+    q_pos = torch.tensor(query_pos, dtype=torch.int64)  # (B, Tq)
+    mask = key_pos[:, None, :] <= q_pos[:, :, None]  # causal (also hides padded blocks)
+    if window is not None:
+        mask &= (q_pos[:, :, None] - key_pos[:, None, :]) < window
+    return KeyView(tables.to(device), mask.to(device))
+
+
+def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[int],
+                             block_tables: Sequence[Sequence[int]], block_size: int,
+                             sliding_window: int | None,
+                             device: torch.device | str = "cpu") -> AttentionMetadata:
+    """Metadata for B sequences, sequence b adding query_lens[b] tokens after cached_lens[b].
+
+    Tokens are flattened sequence by sequence; the block table of b must cover
+    cached_lens[b] + query_lens[b] positions.
+    """
+    if not (len(query_lens) == len(cached_lens) == len(block_tables)) or not query_lens:
+        raise ValueError("query_lens, cached_lens and block_tables need one entry per sequence")
+    max_q = max(query_lens)
+    slots: list[int] = []
+    query_index = torch.empty((len(query_lens), max_q), dtype=torch.int64)
+    flat_index: list[int] = []
+    query_pos: list[list[int]] = []
+    start = 0
+    for b, (q_len, cached, table) in enumerate(zip(query_lens, cached_lens, block_tables)):
+        if q_len < 1:
+            raise ValueError(f"sequence {b} has no new tokens")
+        if len(table) * block_size < cached + q_len:
+            raise ValueError(f"sequence {b}: block table covers {len(table) * block_size} positions, "
+                             f"needs {cached + q_len}")
+        positions = list(range(cached, cached + q_len))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in positions)
+        # Padded query rows repeat the last real token so no row is fully masked.
+        rows = list(range(start, start + q_len)) + [start + q_len - 1] * (max_q - q_len)
+        query_index[b] = torch.tensor(rows)
+        flat_index.extend(b * max_q + i for i in range(q_len))
+        query_pos.append(positions + [positions[-1]] * (max_q - q_len))
+        start += q_len
+    whole = _key_view([0] * len(query_lens), block_tables, query_pos, block_size, None, device)
+    if sliding_window is None:
+        windowed = whole
+    else:
+        first = [max(0, cached - sliding_window + 1) // block_size for cached in cached_lens]
+        windowed = _key_view(first, block_tables, query_pos, block_size, sliding_window, device)
+    last = torch.tensor(list(_cumulative(query_lens)), dtype=torch.int64) - 1
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_index=query_index.to(device),
+        flat_index=torch.tensor(flat_index, dtype=torch.int64, device=device),
+        global_view=whole, window_view=windowed, last_token_index=last.to(device))
+
+
+def positions_of(query_lens: Sequence[int], cached_lens: Sequence[int],
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T,) int64 positions of the flattened new tokens."""
+    pos = [p for q, c in zip(query_lens, cached_lens) for p in range(c, c + q)]
+    return torch.tensor(pos, dtype=torch.int64, device=device)
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` positions."""
+    return math.ceil(num_tokens / block_size)
+
+
+def _cumulative(values: Sequence[int]):
+    total = 0
+    for v in values:
+        total += v
+        yield total

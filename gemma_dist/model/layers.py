@@ -1,0 +1,248 @@
+"""Building blocks of the Gemma model: norm, RoPE, paged attention, and the
+tensor-parallel linear / embedding layers.
+
+Tensor parallelism lives here and in weight loading, never in the model's forward:
+each parallel layer owns only its rank's slice of the weight (tp=1 is the degenerate
+case) and knows how to cut that slice out of the full checkpoint tensor
+(`ShardSpec`). Collectives go through `ParallelContext`, a no-op at tp=1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma_dist.model.attention import AttentionMetadata
+
+
+# --------------------------------------------------------------------------- parallelism
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelContext:
+    """This process's place in a tensor-parallel group (rank 0 of 1 without parallelism)."""
+
+    rank: int = 0
+    size: int = 1
+    group: object | None = None  # torch.distributed ProcessGroup when size > 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tp rank must be in [0, {self.size}), got {self.rank}")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the group in place (row-parallel outputs)."""
+        if self.size > 1:
+            torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `x` along the last dim (vocab-parallel logits)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def split_evenly(total: int, parts: int, what: str) -> int:
+    """Size of one rank's share of `total`, which must divide evenly."""
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size ({parts})")
+    return total // parts
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """Where one checkpoint tensor lands inside a (possibly fused, possibly sharded) parameter.
+
+    The checkpoint tensor has `full_shape`; this rank reads rows/columns
+    [start, stop) along `dim` (dim=None: the whole tensor) and writes them into the
+    parameter at `offset` along dim 0 (fused q/k/v and gate/up projections).
+    """
+
+    param_name: str
+    full_shape: tuple[int, ...]
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+    offset: int = 0
+
+
+# --------------------------------------------------------------------------- norm
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in fp32, scaled by (1 + w); w is stored as in HF checkpoints."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, head_dim) for the given positions, computed in fp32.
+
+    Linear scaling divides the frequencies by `scaling` (Gemma 3 4b+ global layers).
+    The half-split layout (rotate_half) matches HF, gemma_pytorch and llama.cpp's NEOX mode.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents) / scaling  # (D/2,)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (T, heads, D) by the tables (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# --------------------------------------------------------------------------- parallel linear layers
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across ranks; several checkpoint tensors may be fused.
+
+    `segments` lists (checkpoint_suffix, full_rows, rows_per_rank, rank_row_start) for
+    each fused piece: e.g. q/k/v or gate/up. Output stays sharded (no communication).
+    """
+
+    def __init__(self, in_features: int, segments: list[tuple[str, int, int, int]]):
+        super().__init__()
+        self.in_features = in_features
+        self.segments = segments
+        out_local = sum(rows for _, _, rows, _ in segments)
+        self.weight = nn.Parameter(torch.empty(out_local, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def shard_specs(self, prefix: str, param_name: str) -> dict[str, ShardSpec]:
+        """Checkpoint name → where its slice lands in this layer's weight."""
+        specs, offset = {}, 0
+        for suffix, full_rows, rows, start in self.segments:
+            specs[f"{prefix}.{suffix}.weight"] = ShardSpec(
+                param_name, (full_rows, self.in_features), dim=0, start=start, stop=start + rows,
+                offset=offset)
+            offset += rows
+        return specs
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across ranks; partial sums all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.in_full = in_features
+        self.in_local = split_evenly(in_features, parallel.size, "row-parallel input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_reduce(F.linear(x, self.weight))
+
+    def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
+        """Checkpoint name → this rank's column slice."""
+        start = self.parallel.rank * self.in_local
+        return {name: ShardSpec(param_name, (self.weight.shape[0], self.in_full), dim=1,
+                                start=start, stop=start + self.in_local)}
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The tied embedding / LM head, its vocabulary rows split across ranks.
+
+    Embedding: each rank looks up the ids it owns and the partial results are summed.
+    LM head: each rank computes its vocabulary slice of the logits, gathered on demand.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.vocab_size = vocab_size
+        self.vocab_local = math.ceil(vocab_size / parallel.size)
+        self.vocab_start = parallel.rank * self.vocab_local
+        self.vocab_stop = min(vocab_size, self.vocab_start + self.vocab_local)
+        self.weight = nn.Parameter(torch.empty(self.vocab_local, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.size == 1:
+            return F.embedding(ids, self.weight)
+        owned = (ids >= self.vocab_start) & (ids < self.vocab_stop)
+        local_ids = torch.where(owned, ids - self.vocab_start, torch.zeros_like(ids))
+        out = F.embedding(local_ids, self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)
+        return self.parallel.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """(N, H) → (N, vocab) logits; with gather=False, this rank's slice (N, vocab_local)."""
+        local = F.linear(hidden, self.weight)
+        if not gather:
+            return local
+        return self.parallel.all_gather_last_dim(local)[..., : self.vocab_size]
+
+    def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
+        """Checkpoint name → this rank's vocabulary rows (the last rank's tail is zero padding)."""
+        return {name: ShardSpec(param_name, (self.vocab_size, self.weight.shape[1]), dim=0,
+                                start=self.vocab_start, stop=self.vocab_stop)}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, Gemma's activation in every generation."""
+    return F.gelu(x, approximate="tanh")
+
+
+ActivationFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, local: bool, scale: float,
+                    softcap: float | None) -> torch.Tensor:
+    """Attention of flat queries over the paged KV cache (new keys already written).
+
+    q: (T, Hq, D) for the T new tokens of B sequences; caches: (num_blocks, block_size, Hkv, D).
+    Each sequence's keys are gathered through its block table into position order, so one
+    masked batched matmul serves prefill, decode and mixed batches. LOCAL layers only gather
+    the blocks their window can reach. Returns (T, Hq * D).
+    """
+    window = meta.window_view if local else meta.global_view
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // num_kv_heads
+    batch, max_q = meta.query_index.shape
+    # (B, Lk, Hkv, D): keys in position order, starting at window.key_start[b]
+    keys = k_cache[window.block_tables].flatten(1, 2)
+    values = v_cache[window.block_tables].flatten(1, 2)
+    qp = q[meta.query_index]  # (B, Tq, Hq, D), padded rows repeat a valid token
+    # (B, Hkv, G*Tq, D) so each KV head serves its query group without repeating K/V.
+    qp = qp.view(batch, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    qp = qp.reshape(batch, num_kv_heads, group * max_q, head_dim)
+    scores = torch.matmul(qp, keys.permute(0, 2, 3, 1)) * scale  # (B, Hkv, G*Tq, Lk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(batch, num_kv_heads, group, max_q, -1)
+    scores = scores.masked_fill(~window.mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = probs.view(batch, num_kv_heads, group * max_q, -1)
+    out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # (B, Hkv, G*Tq, D)
+    out = out.view(batch, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(batch * max_q, num_kv_heads * group * head_dim)  # (B*Tq, Hq*D)
+    return out[meta.flat_index]  # back to (T, Hq*D), dropping padded rows
