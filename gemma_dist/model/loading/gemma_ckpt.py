@@ -20,6 +20,8 @@ from gemma_dist.model.loading.common import WeightLoadError, WeightSource
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # RoPE tables gemma_pytorch keeps as buffers: derived from the config, not weights.
 _BUFFERS = {"freqs_cis", "local_freqs_cis", "global_freqs_cis"}
+# Multimodal Gemma 3 checkpoints: the vision tower and projector are not part of the text model.
+_NON_TEXT_PREFIXES = ("siglip_vision_model.", "mm_soft_embedding_norm.", "mm_input_projection.")
 _LAYER_NAMES = {
     "input_layernorm.weight": "input_norm.weight",
     "pre_feedforward_layernorm.weight": "pre_ffw_norm.weight",
@@ -49,7 +51,7 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, variant: str | None
     """The registry variant named by `variant`, else the one whose shapes match the checkpoint."""
     if variant:
         return get_variant(variant)
-    embed = state.get("embedder.weight")
+    embed = state.get("embedder.weight", state.get("text_token_embedder.weight"))
     layers = len({m.group(1) for m in map(_LAYER.match, state) if m})
     has_qk_norm = any(k.endswith("query_norm.weight") for k in state)
     has_sandwich = any(k.endswith("pre_feedforward_layernorm.weight") for k in state)
@@ -74,9 +76,9 @@ class GemmaCkptSource(WeightSource):
         # canonical → (ckpt name, first row, row count or None for all)
         self._where: dict[str, tuple[str, int, int | None]] = {}
         for name in state:
-            if name.endswith("weight_scaler") or name in _BUFFERS:
+            if name.endswith("weight_scaler") or name in _BUFFERS or name.startswith(_NON_TEXT_PREFIXES):
                 continue
-            if name == "embedder.weight":
+            if name in ("embedder.weight", "text_token_embedder.weight"):
                 self._where["embed.weight"] = (name, 0, None)
             elif name == "model.norm.weight":
                 self._where["final_norm.weight"] = (name, 0, None)

@@ -90,9 +90,10 @@ def read_config(reader, path: Path, name: str | None = None) -> ModelConfig:
         use_sandwich_norms=family is not Family.GEMMA1,
         rope_theta=float(get("rope.freq_base", 10_000.0)),
         rope_theta_local=10_000.0, rope_scaling_factor=float(scaling))
-    name = name or matching_variant_name(fields)
-    if name in VARIANTS:  # e.g. the 27B models scale queries by hidden/heads, not head_dim
-        fields["query_pre_attn_scalar"] = VARIANTS[name].query_pre_attn_scalar
+    matched = matching_variant_name(fields)
+    if matched in VARIANTS:  # e.g. the 27B models scale queries by hidden/heads, not head_dim
+        fields["query_pre_attn_scalar"] = VARIANTS[matched].query_pre_attn_scalar
+    name = name or matched
     try:
         return ModelConfig(name=name, **fields)
     except ConfigError as e:

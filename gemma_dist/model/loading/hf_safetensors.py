@@ -32,6 +32,21 @@ _LAYER_NAMES = {
     **{f"self_attn.{p}_proj.weight": f"attn.{p}_proj.weight" for p in "qkvo"},
     **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
 }
+# transformers' config-class defaults: published configs (e.g. google/gemma-3-4b-it's
+# text_config) list only the fields that differ from them.
+_HF_DEFAULTS: dict[Family, dict[str, Any]] = {
+    Family.GEMMA1: dict(vocab_size=256_000, hidden_size=3072, intermediate_size=24_576, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+                        max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10_000.0),
+    Family.GEMMA2: dict(vocab_size=256_000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                        rms_norm_eps=1e-6, rope_theta=10_000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    Family.GEMMA3: dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                        rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                        query_pre_attn_scalar=256, sliding_window=4096),
+}
 _MODEL_TYPES = {"gemma": Family.GEMMA1, "gemma2": Family.GEMMA2, "gemma3_text": Family.GEMMA3,
                 "gemma3": Family.GEMMA3}
 
@@ -54,8 +69,9 @@ def read_config(path: Path, name: str | None = None) -> ModelConfig:
         model_type = "gemma3_text"
     if model_type not in _MODEL_TYPES:
         raise WeightLoadError(f"{path / 'config.json'}: model_type {model_type!r} is not a Gemma text model")
+    family = _MODEL_TYPES[model_type]
     try:
-        return _config_from_hf(raw, _MODEL_TYPES[model_type], name)
+        return _config_from_hf({**_HF_DEFAULTS[family], **raw}, family, name)
     except (KeyError, TypeError, ConfigError) as e:
         raise WeightLoadError(f"{path / 'config.json'}: invalid Gemma config ({e})") from e
 
