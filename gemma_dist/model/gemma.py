@@ -58,9 +58,9 @@ class GemmaAttention(nn.Module):
                 cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # (T, Hq, D)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q = q.reshape(-1, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
