@@ -33,11 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _generate_local(args: argparse.Namespace) -> int:
     from gemma_dist import LLM, SamplingParams
 
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop))
     start = time.perf_counter()
     llm = LLM(model=args.model, dtype=args.dtype, variant=args.variant)
     loaded = time.perf_counter()
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop))
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
     else:
