@@ -25,14 +25,28 @@ class KeyView:
 
 
 @dataclasses.dataclass
+class AttentionGroup:
+    """Sequences whose attention runs as one batched computation.
+
+    All decode rows (one new token each) form one group; every prefill chunk is a group of
+    its own. A query row's result then depends only on its own sequence, never on what else
+    shares the step (batch invariance: the same tokens alone or in any batch).
+    """
+
+    token_index: torch.Tensor  # (B * Tq,) flat token index of each query row
+    batch: int  # B
+    max_q: int  # Tq
+    global_view: KeyView  # GLOBAL layers: whole context
+    window_view: KeyView  # LOCAL layers: only blocks the sliding window reaches
+
+
+@dataclasses.dataclass
 class AttentionMetadata:
     """Everything attention needs about one step's flattened batch of B sequences / T tokens."""
 
     slot_mapping: torch.Tensor  # (T,) int64: flat cache slot (block * block_size + offset) per new token
-    query_index: torch.Tensor  # (B, Tq) int64: flat token index of each padded query row
-    flat_index: torch.Tensor  # (T,) int64: row of each flat token inside the padded (B * Tq)
-    global_view: KeyView  # GLOBAL layers: whole context
-    window_view: KeyView  # LOCAL layers: only blocks the sliding window reaches
+    groups: list[AttentionGroup]  # decode group first (if any), then one group per prefill chunk
+    output_order: torch.Tensor | None  # (T,) row of each flat token in the groups' stacked output; None = same order
     last_token_index: torch.Tensor  # (B,) int64: flat index of each sequence's last new token
 
 
@@ -54,7 +68,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def _key_view(first_blocks: list[int], block_tables: Sequence[Sequence[int]], query_pos: list[list[int]],
               block_size: int, window: int | None, device: torch.device | str) -> KeyView:
     """Gather plan for blocks [first_blocks[b], end) of each sequence, with its causal/window mask."""
-    last_blocks = [max(p) // block_size + 1 for p in query_pos]
+    last_blocks = [p[-1] // block_size + 1 for p in query_pos]
     num = max(last - first for first, last in zip(first_blocks, last_blocks))
     tables = torch.zeros((len(query_pos), num), dtype=torch.int64)
     key_pos = torch.empty((len(query_pos), num * block_size), dtype=torch.int64)
@@ -69,6 +83,19 @@ def _key_view(first_blocks: list[int], block_tables: Sequence[Sequence[int]], qu
     return KeyView(tables.to(device), mask.to(device))
 
 
+def _group(token_index: list[int], tables: list[Sequence[int]], cached: list[int], query_pos: list[list[int]],
+           block_size: int, sliding_window: int | None, device: torch.device | str) -> AttentionGroup:
+    """One attention group over sequences with the same number of query rows."""
+    whole = _key_view([0] * len(tables), tables, query_pos, block_size, None, device)
+    if sliding_window is None:
+        windowed = whole
+    else:
+        first = [max(0, c - sliding_window + 1) // block_size for c in cached]
+        windowed = _key_view(first, tables, query_pos, block_size, sliding_window, device)
+    return AttentionGroup(torch.tensor(token_index, dtype=torch.int64, device=device), len(tables),
+                          len(query_pos[0]), whole, windowed)
+
+
 def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[int],
                              block_tables: Sequence[Sequence[int]], block_size: int,
                              sliding_window: int | None,
@@ -80,38 +107,37 @@ def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[in
     """
     if not (len(query_lens) == len(cached_lens) == len(block_tables)) or not query_lens:
         raise ValueError("query_lens, cached_lens and block_tables need one entry per sequence")
-    max_q = max(query_lens)
     slots: list[int] = []
-    query_index = torch.empty((len(query_lens), max_q), dtype=torch.int64)
-    flat_index: list[int] = []
-    query_pos: list[list[int]] = []
-    start = 0
+    starts = [0, *_cumulative(query_lens)]
     for b, (q_len, cached, table) in enumerate(zip(query_lens, cached_lens, block_tables)):
         if q_len < 1:
             raise ValueError(f"sequence {b} has no new tokens")
         if len(table) * block_size < cached + q_len:
             raise ValueError(f"sequence {b}: block table covers {len(table) * block_size} positions, "
                              f"needs {cached + q_len}")
-        positions = list(range(cached, cached + q_len))
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in positions)
-        # Padded query rows repeat the last real token so no row is fully masked.
-        rows = list(range(start, start + q_len)) + [start + q_len - 1] * (max_q - q_len)
-        query_index[b] = torch.tensor(rows)
-        flat_index.extend(b * max_q + i for i in range(q_len))
-        query_pos.append(positions + [positions[-1]] * (max_q - q_len))
-        start += q_len
-    whole = _key_view([0] * len(query_lens), block_tables, query_pos, block_size, None, device)
-    if sliding_window is None:
-        windowed = whole
-    else:
-        first = [max(0, cached - sliding_window + 1) // block_size for cached in cached_lens]
-        windowed = _key_view(first, block_tables, query_pos, block_size, sliding_window, device)
-    last = torch.tensor(list(_cumulative(query_lens)), dtype=torch.int64) - 1
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_index=query_index.to(device),
-        flat_index=torch.tensor(flat_index, dtype=torch.int64, device=device),
-        global_view=whole, window_view=windowed, last_token_index=last.to(device))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, cached + q_len))
+    decode = [b for b, q in enumerate(query_lens) if q == 1]
+    groups, order = [], []
+    if decode:
+        groups.append(_group([starts[b] for b in decode], [block_tables[b] for b in decode],
+                             [cached_lens[b] for b in decode], [[cached_lens[b]] for b in decode],
+                             block_size, sliding_window, device))
+        order.extend(starts[b] for b in decode)
+    for b, q_len in enumerate(query_lens):
+        if q_len > 1:
+            rows = list(range(starts[b], starts[b] + q_len))
+            positions = list(range(cached_lens[b], cached_lens[b] + q_len))
+            groups.append(_group(rows, [block_tables[b]], [cached_lens[b]], [positions], block_size,
+                                 sliding_window, device))
+            order.extend(rows)
+    output_order = None
+    if order != list(range(len(order))):
+        inverse = torch.empty(len(order), dtype=torch.int64)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        output_order = inverse.to(device)
+    last = torch.tensor(starts[1:], dtype=torch.int64) - 1
+    return AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+                             groups=groups, output_order=output_order, last_token_index=last.to(device))
 
 
 def positions_of(query_lens: Sequence[int], cached_lens: Sequence[int],

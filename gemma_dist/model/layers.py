@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_dist.model.attention import AttentionMetadata
+from gemma_dist.model.attention import AttentionGroup, AttentionMetadata, KeyView
 
 
 # --------------------------------------------------------------------------- parallelism
@@ -78,10 +78,14 @@ class ShardSpec:
 # --------------------------------------------------------------------------- matmul
 
 # CPU GEMM shapes. MKL runs a small-M product (a decode batch) x (M, K) @ W (N, K)^T up to
-# ~2x faster when asked for (W @ x^T)^T, while large M (prefill) prefers the plain form; and
-# for M < 16 it runs the matrix-vector kernel on ONE thread, leaving half the memory
-# bandwidth of a 2-core machine unused, so those products are split by output rows across
-# a small thread pool (bitwise the same result: each output element is one dot product).
+# ~2x faster when asked for (W @ x^T)^T, while large M (prefill) prefers the plain form. For
+# M < 16 it runs matrix-vector kernels on ONE thread, leaving half the memory bandwidth of a
+# 2-core machine unused, so big weights are split by output rows across a small thread pool.
+# Batch invariance: a row's result must not depend on what else is in the batch. MKL gives
+# bitwise-identical rows for every M >= 4 in the plain form and every M >= 15 in the
+# transposed form (and the two agree), but M = 1 and M = 2..3 use other kernels, so inputs
+# with fewer than 4 rows are zero-padded to 4 (tests/model/test_batch_invariance.py).
+_MIN_GEMM_ROWS = 4
 _TRANSPOSED_M = (16, 384)
 _LM_HEAD_CHUNK = 2048  # vocabulary rows per GEMM: keeps each weight block cache-friendly
 _SPLIT_MIN_BYTES = 32 << 20  # smaller weights lose more to thread hand-offs than they gain
@@ -93,37 +97,39 @@ def _row_split_matmul(x: torch.Tensor, weight: torch.Tensor, threads: int) -> to
     global _pool
     if _pool is None or _pool._max_workers != threads:
         _pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="gemma-gemv")
-    out_t = torch.empty(weight.shape[0], x.shape[0], dtype=x.dtype)  # (N, M)
-    xt = x.t()
     bounds = [weight.shape[0] * i // threads for i in range(threads + 1)]
-    jobs = [_pool.submit(_mm_into, weight[a:b], xt, out_t[a:b]) for a, b in zip(bounds, bounds[1:])]
-    for job in jobs:
-        job.result()
-    return out_t.t()
+    jobs = [_pool.submit(_linear_in_inference_mode, x, weight[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return torch.cat([job.result() for job in jobs], dim=1)
 
 
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    # Inference mode is thread-local: the worker must enter it to write inference tensors.
-    with torch.inference_mode():
-        torch.mm(a, b, out=out)
+def _linear_in_inference_mode(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # Inference mode is thread-local: a pool worker must enter it itself.
+    with torch.inference_mode(torch.is_inference(x)):
+        return F.linear(x, weight)
 
 
-def _use_row_split(x: torch.Tensor, weight: torch.Tensor) -> int:
+def _row_split_threads(x: torch.Tensor, weight: torch.Tensor) -> int:
     """Threads to split a small-M CPU product over (0 = don't split)."""
     threads = torch.get_num_threads()
-    if (threads < 2 or x.device.type != "cpu" or x.dim() != 2 or x.shape[0] >= _TRANSPOSED_M[0]
-            or weight.numel() * weight.element_size() < _SPLIT_MIN_BYTES or torch.is_grad_enabled()):
+    if (threads < 2 or x.shape[0] >= _TRANSPOSED_M[0] or torch.is_grad_enabled()
+            or weight.numel() * weight.element_size() < _SPLIT_MIN_BYTES):
         return 0
     return threads
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T → (M, N), choosing the fastest GEMM form on CPU."""
-    threads = _use_row_split(x, weight)
+    """x (M, K) @ weight (N, K)^T → (M, N), choosing the fastest batch-invariant form on CPU."""
+    if x.device.type != "cpu" or x.dim() != 2:
+        return F.linear(x, weight)
+    rows = x.shape[0]
+    if rows < _MIN_GEMM_ROWS:
+        return linear(F.pad(x, (0, 0, 0, _MIN_GEMM_ROWS - rows)), weight)[:rows]
+    threads = _row_split_threads(x, weight)
     if threads:
         return _row_split_matmul(x, weight, threads)
-    if x.device.type == "cpu" and x.dim() == 2 and _TRANSPOSED_M[0] <= x.shape[0] <= _TRANSPOSED_M[1]:
-        return torch.mm(weight, x.t()).t()
+    if _TRANSPOSED_M[0] <= rows <= _TRANSPOSED_M[1]:
+        # Contiguous again: reductions over a strided last dim sum in another order.
+        return torch.mm(weight, x.t()).t().contiguous()
     return F.linear(x, weight)
 
 
@@ -227,7 +233,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(linear(x, self.weight).contiguous())
+        return self.parallel.all_reduce(linear(x, self.weight))
 
     def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
         """Checkpoint name → this rank's column slice."""
@@ -289,32 +295,37 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     softcap: float | None) -> torch.Tensor:
     """Attention of flat queries over the paged KV cache (new keys already written).
 
-    q: (T, Hq, D) for the T new tokens of B sequences; caches: (num_blocks, block_size, Hkv, D).
-    Each sequence's keys are gathered through its block table into position order, so one
-    masked batched matmul serves prefill, decode and mixed batches. LOCAL layers only gather
-    the blocks their window can reach. Returns (T, Hq * D).
+    q: (T, Hq, D) for the T new tokens; caches: (num_blocks, block_size, Hkv, D). Each group
+    (all decode rows together, each prefill chunk alone) is one masked batched matmul over
+    keys gathered through the block tables. Returns (T, Hq * D) in flat token order.
     """
-    window = meta.window_view if local else meta.global_view
+    outs = [_group_attention(q, k_cache, v_cache, g, g.window_view if local else g.global_view, scale, softcap)
+            for g in meta.groups]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if meta.output_order is None else out.index_select(0, meta.output_order)
+
+
+def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
+                     view: KeyView, scale: float, softcap: float | None) -> torch.Tensor:
+    """One group's attention: (B * Tq, Hq * D)."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    group = q.shape[1] // num_kv_heads
-    batch, max_q = meta.query_index.shape
-    # (B, Lk, Hkv, D): keys in position order, starting at window.key_start[b]
+    heads = q.shape[1]
+    per_kv = heads // num_kv_heads
+    batch, max_q = group.batch, group.max_q
     # index_select on the flattened table is ~10x faster than advanced indexing on CPU.
-    blocks = window.block_tables.flatten()
-    keys = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim)
+    blocks = view.block_tables.flatten()
+    keys = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim)  # (B, Lk, Hkv, D)
     values = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim)
-    qp = q.index_select(0, meta.query_index.flatten()).view(batch, max_q, *q.shape[1:])  # (B, Tq, Hq, D)
+    qg = q.index_select(0, group.token_index).view(batch, max_q, num_kv_heads, per_kv, head_dim)
     # (B, Hkv, G*Tq, D) so each KV head serves its query group without repeating K/V.
-    qp = qp.view(batch, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    qp = qp.reshape(batch, num_kv_heads, group * max_q, head_dim)
-    scores = torch.matmul(qp, keys.permute(0, 2, 3, 1)) * scale  # (B, Hkv, G*Tq, Lk)
+    qg = qg.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, per_kv * max_q, head_dim)
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * scale  # (B, Hkv, G*Tq, Lk)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(batch, num_kv_heads, group, max_q, -1)
-    scores = scores.masked_fill(~window.mask[:, None, None], float("-inf"))
+    scores = scores.view(batch, num_kv_heads, per_kv, max_q, -1)
+    scores = scores.masked_fill(~view.mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    probs = probs.view(batch, num_kv_heads, group * max_q, -1)
+    probs = probs.view(batch, num_kv_heads, per_kv * max_q, -1)
     out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # (B, Hkv, G*Tq, D)
-    out = out.view(batch, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
-    out = out.reshape(batch * max_q, num_kv_heads * group * head_dim)  # (B*Tq, Hq*D)
-    return out.index_select(0, meta.flat_index)  # back to (T, Hq*D), dropping padded rows
+    out = out.view(batch, num_kv_heads, per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch * max_q, heads * head_dim)
