@@ -81,11 +81,30 @@ class ShardSpec:
 # ~2x faster when asked for (W @ x^T)^T, while large M (prefill) prefers the plain form. For
 # M < 16 it runs matrix-vector kernels on ONE thread, leaving half the memory bandwidth of a
 # 2-core machine unused, so big weights are split by output rows across a small thread pool.
-# Batch invariance: a row's result must not depend on what else is in the batch. MKL gives
-# bitwise-identical rows for every M >= 4 in the plain form and every M >= 15 in the
-# transposed form (and the two agree), but M = 1 and M = 2..3 use other kernels, so inputs
-# with fewer than 4 rows are zero-padded to 4 (tests/model/test_batch_invariance.py).
-_MIN_GEMM_ROWS = 4
+# Batch invariance: a row's result should not depend on what else is in the batch. MKL gives
+# bitwise-identical rows for M = 4, 8 and every M >= 12 in the plain form and every M >= 12 in
+# the transposed form (the two agree), while other small M run other kernels on some rows.
+# So 2..11 rows are zero-padded up to the next of 4, 8, 12. A single row (one decoding
+# sequence) keeps the fast matrix-vector kernel unless batch-invariant mode is on: padding it
+# costs ~40% of solo decode speed, and without it its last bits may differ from the same row
+# inside a batch (so a greedy near-tie could resolve differently).
+_PADDED_ROWS = {2: 4, 3: 4, 5: 8, 6: 8, 7: 8, 9: 12, 10: 12, 11: 12}
+_batch_invariant = False
+
+
+def set_batch_invariant(enabled: bool) -> None:
+    """Make every row's result bitwise independent of the batch (pads one-row products too)."""
+    global _batch_invariant
+    _batch_invariant = bool(enabled)
+
+
+def _padded_rows(rows: int) -> int:
+    """Rows to run a CPU product with, for batch-invariant results."""
+    if rows == 1:
+        return 4 if _batch_invariant else 1
+    return _PADDED_ROWS.get(rows, rows)
+
+
 _TRANSPOSED_M = (16, 384)
 _LM_HEAD_CHUNK = 2048  # vocabulary rows per GEMM: keeps each weight block cache-friendly
 _SPLIT_MIN_BYTES = 32 << 20  # smaller weights lose more to thread hand-offs than they gain
@@ -121,9 +140,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T → (M, N), choosing the fastest batch-invariant form on CPU."""
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight)
-    rows = x.shape[0]
-    if rows < _MIN_GEMM_ROWS:
-        return linear(F.pad(x, (0, 0, 0, _MIN_GEMM_ROWS - rows)), weight)[:rows]
+    rows, padded = x.shape[0], _padded_rows(x.shape[0])
+    if padded != rows:
+        return linear(F.pad(x, (0, 0, 0, padded - rows)), weight)[:rows]
     threads = _row_split_threads(x, weight)
     if threads:
         return _row_split_matmul(x, weight, threads)
@@ -134,11 +153,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ weight (V, K)^T → (M, V) for a huge V; on CPU with M ≥ 16 it runs in
-    vocabulary chunks of (W_chunk @ x^T), each transposed into place while cache-hot
-    (~1.6x faster than one GEMM at M = 32..64)."""
-    if x.device.type != "cpu" or x.shape[0] < _TRANSPOSED_M[0]:
+    """x (M, K) @ weight (V, K)^T → (M, V) for a huge V. On CPU: up to 4 rows go through
+    `linear` (row-split matrix-vector / small GEMM); 5..15 rows are padded to 16, and from 16
+    rows on it runs in vocabulary chunks of (W_chunk @ x^T), each transposed into place while
+    cache-hot (~2x faster than one GEMM at M = 16..64)."""
+    rows = x.shape[0]
+    if x.device.type != "cpu" or x.dim() != 2 or rows <= 4:
         return linear(x, weight).contiguous()
+    if rows < _TRANSPOSED_M[0]:
+        return lm_head(F.pad(x, (0, 0, 0, _TRANSPOSED_M[0] - rows)), weight)[:rows]
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)  # (M, V)
     chunk = torch.empty(_LM_HEAD_CHUNK, x.shape[0], dtype=x.dtype)  # (C, M) scratch
     xt = x.t()
