@@ -1,0 +1,323 @@
+"""LLMEngine: requests in, per-step deltas out, over continuous batching and a paged KV cache.
+
+    engine = LLMEngine.from_model("default")
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=16))
+    while engine.has_unfinished_requests:
+        for delta in engine.step(): ...
+
+A step is schedule → execute → postprocess: the scheduler plans it, the model runner runs one
+forward over every planned token and samples, and each sampled token is appended, detokenized
+and checked against the stop rules. `AsyncLLMEngine` runs the same loop in a background
+thread and hands each request's deltas to an async iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+from typing import AsyncIterator, Mapping, Sequence as Seq
+
+import torch
+
+from gemma_dist.engine.block_manager import BlockManager
+from gemma_dist.engine.model_runner import ModelRunner, StepInput, kv_bytes_per_token
+from gemma_dist.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from gemma_dist.engine.sequence import FinishReason, Sequence, find_stop_string, finish_on_token
+from gemma_dist.sampling import Sampler, SamplingParams, SamplingRow, TokenLogprob, make_generator
+from gemma_dist.tokenizer import IncrementalDetokenizer
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits and the KV-cache budget."""
+
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: float = 2 * GiB  # bytes (> 1) or a fraction (0, 1] of the device's memory
+    max_num_seqs: int = 64  # sequences per step
+    max_num_batched_tokens: int = 2048  # new tokens per step (chunked prefill budget)
+    seed: int | None = None  # seed of the shared generator used by unseeded requests
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.kv_cache_memory > 0:
+            raise ValueError(f"kv_cache_memory must be > 0 (bytes, or a fraction <= 1), got {self.kv_cache_memory}")
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates the limits
+
+
+def kv_cache_bytes(budget: float, device: torch.device) -> int:
+    """Bytes for the KV cache: `budget` bytes, or that fraction of the device's total memory."""
+    if budget > 1:
+        return int(budget)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * budget)
+
+
+@dataclasses.dataclass
+class RequestDelta:
+    """What one request gained in one step."""
+
+    request_id: str
+    token_ids: list[int]  # new token ids
+    text: str  # new text (never a broken UTF-8 character; held back while it may start a stop string)
+    finish_reason: FinishReason | None  # set on the request's last delta
+    logprobs: list[TokenLogprob]  # for the new tokens, when requested
+    prompt_tokens: int
+    completion_tokens: int  # generated so far
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters for monitoring and tests."""
+
+    waiting: int
+    running: int
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    preemptions: int
+
+    @property
+    def max_concurrent_tokens(self) -> int:
+        """Tokens the KV cache holds across all requests."""
+        return self.total_blocks * self.block_size
+
+
+class _Request:
+    """Engine-side state of one request beyond its Sequence: detokenizer and emitted text."""
+
+    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer):
+        self.seq = seq
+        self.detokenizer = detokenizer
+        self.emitted_text = 0  # chars of seq.text already handed out
+        self.emitted_tokens = 0
+        self.hold_back = max((len(s) for s in seq.params.stop), default=1) - 1
+
+
+class LLMEngine:
+    """One process: scheduler + model runner + tokenizer. Not thread-safe (see AsyncLLMEngine)."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_config = model.config
+        param = next(model.parameters())
+        per_block = kv_bytes_per_token(model, param.dtype) * config.block_size
+        num_blocks = kv_cache_bytes(config.kv_cache_memory, param.device) // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds no block of {per_block} bytes")
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, Sampler(config.seed))
+        self._requests: dict[str, _Request] = {}
+
+    @classmethod
+    def from_model(cls, model: str = "default", dtype: str = "float32", variant: str | None = None,
+                   device: str = "cpu", config: EngineConfig = EngineConfig()) -> "LLMEngine":
+        """Load a checkpoint ("default", HF dir, .gguf, .ckpt) and build an engine on it."""
+        from gemma_dist.model.loading import load_model, open_checkpoint
+
+        checkpoint = open_checkpoint(model, variant)
+        tokenizer = checkpoint.load_tokenizer()
+        loaded = load_model(checkpoint, dtype, device)
+        checkpoint.source.close()
+        return cls(loaded, tokenizer, config)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: str, prompt: str | Seq[int] | None = None,
+                    params: SamplingParams | None = None, *, chat: Seq[Mapping[str, str]] | None = None) -> None:
+        """Queue a request: a text prompt (BOS added), a list of token ids, or a chat."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        text, ids = self._prompt_ids(prompt, chat)
+        seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params,
+                       eos_token_ids=self.tokenizer.stop_token_ids(chat=chat is not None),
+                       max_context=self.model_config.max_position_embeddings, prompt=text)
+        if params.seed is not None:
+            seq.generator = make_generator(params.seed)
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
+
+    def _prompt_ids(self, prompt, chat) -> tuple[str | None, list[int]]:
+        if (prompt is None) == (chat is None):
+            raise ValueError("give exactly one of prompt or chat")
+        if chat is not None:
+            ids, text = self.tokenizer.encode_chat(chat), None
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+            if not ids:
+                raise ValueError("prompt_token_ids must not be empty")
+            vocab = self.model_config.vocab_size
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"prompt_token_ids: id {bad} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.model_config.max_position_embeddings:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context holds "
+                             f"{self.model_config.max_position_embeddings}")
+        return text, ids
+
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """Stop a request now and free its blocks; returns its final (aborted) delta."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.abort(request_id)
+        return RequestDelta(request_id, [], "", FinishReason.ABORTED, [], len(request.seq.prompt_token_ids),
+                            len(request.seq.output_token_ids))
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_unfinished
+
+    def stats(self) -> EngineStats:
+        """Current counters."""
+        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.num_free,
+                           self.blocks.num_blocks, self.blocks.block_size, self.scheduler.num_preemptions)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestDelta]:
+        """Run one step: schedule → execute → postprocess. Returns the deltas of this step."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        result = self.runner.execute(self._step_inputs(plan))
+        self.scheduler.on_step_done(plan)
+        sampled = [item.seq for item in plan.scheduled if item.samples]
+        deltas = [self._append(seq, token, logprob)
+                  for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)]
+        for seq in self.scheduler.release_finished():
+            self._requests.pop(seq.request_id, None)
+        return deltas
+
+    def _step_inputs(self, plan: SchedulerOutput) -> list[StepInput]:
+        inputs = []
+        for item in plan.scheduled:
+            seq = item.seq
+            tokens = seq.all_token_ids[seq.num_cached: seq.num_cached + item.num_tokens]
+            row = SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator) \
+                if item.samples else None
+            inputs.append(StepInput(tokens, seq.num_cached, seq.block_table, row))
+        return inputs
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestDelta:
+        request = self._requests[seq.request_id]
+        seq.output_token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        reason = finish_on_token(seq, token)
+        checked = len(seq.text)
+        seq.text += request.detokenizer.push(token)
+        if reason is not None:
+            seq.text += request.detokenizer.flush()
+        at = find_stop_string(seq.text, checked, seq.params.stop)
+        if at is not None:
+            seq.text, reason = seq.text[:at], FinishReason.STOP
+        seq.finish_reason = reason
+        # Hold back text that might be the start of a stop string until it is decided.
+        safe = len(seq.text) if reason is not None else max(request.emitted_text, len(seq.text) - request.hold_back)
+        text = seq.text[request.emitted_text: safe]
+        request.emitted_text = safe
+        new_tokens = seq.output_token_ids[request.emitted_tokens:]
+        new_logprobs = seq.logprobs[request.emitted_tokens:] if seq.params.logprobs else []
+        request.emitted_tokens = len(seq.output_token_ids)
+        return RequestDelta(seq.request_id, new_tokens, text, reason, new_logprobs,
+                            len(seq.prompt_token_ids), len(seq.output_token_ids))
+
+
+class AsyncLLMEngine:
+    """Runs an LLMEngine's step loop in a background thread; each request is an async iterator.
+
+    Torch releases the GIL inside its kernels, so the event loop stays responsive while a
+    step runs. Closing a request's iterator early (client gone) aborts the request.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()  # guards the engine: steps vs add/abort
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="gemma-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request_id: str, prompt: str | Seq[int] | None = None,
+                       params: SamplingParams | None = None, *,
+                       chat: Seq[Mapping[str, str]] | None = None) -> AsyncIterator[RequestDelta]:
+        """Add a request and yield its deltas as the engine produces them."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self.engine.add_request(request_id, prompt, params, chat=chat)
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                delta = await queue.get()
+                if isinstance(delta, BaseException):
+                    raise delta
+                finished = delta.finish_reason is not None
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks (no-op if it already finished)."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        """The engine's counters."""
+        with self._lock:
+            return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Stop the step loop."""
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                busy = self.engine.has_unfinished_requests
+            if not busy:
+                self._wakeup.wait(0.05)
+                self._wakeup.clear()
+                continue
+            try:
+                with self._lock:
+                    deltas = self.engine.step()
+                    targets = [(self._streams.get(d.request_id), d) for d in deltas]
+                    for d in deltas:
+                        if d.finish_reason is not None:
+                            self._streams.pop(d.request_id, None)
+            except Exception as error:  # a failed step fails every open stream, loudly
+                with self._lock:
+                    targets = [(stream, error) for stream in self._streams.values()]
+                    for request_id in list(self._streams):
+                        self.engine.abort(request_id)
+                    self._streams.clear()
+            for stream, item in targets:
+                if stream is not None:
+                    loop, queue = stream
+                    loop.call_soon_threadsafe(queue.put_nowait, item)

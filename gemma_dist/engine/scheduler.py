@@ -1,0 +1,183 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Plain Python (no torch). Every step:
+1. running sequences that are decoding get one token each, growing their block tables; when
+   the cache is full the newest running sequence is preempted (blocks freed, resumed later by
+   recomputing its prompt + output), so older requests keep their progress;
+2. sequences part-way through their prompt continue with a chunk (chunked prefill);
+3. waiting sequences are admitted in arrival order while the token budget, the sequence
+   limit and free blocks allow; a long prompt takes only a chunk per step, so the decoding
+   streams never stall behind it.
+Finished and aborted sequences release their blocks at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from gemma_dist.engine.block_manager import BlockManager
+from gemma_dist.engine.sequence import FinishReason, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one engine step."""
+
+    max_num_seqs: int = 64  # sequences in one step (decoding + prefilling)
+    max_num_batched_tokens: int = 2048  # new tokens in one step (prompt chunks + decodes)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs})")
+
+
+@dataclasses.dataclass
+class ScheduledSequence:
+    """One sequence's share of a step: compute K/V for `num_tokens` uncached tokens."""
+
+    seq: Sequence
+    num_tokens: int
+    samples: bool  # the chunk reaches the sequence's last token, so a new token is sampled after it
+
+    @classmethod
+    def plan(cls, seq: Sequence, num_tokens: int) -> "ScheduledSequence":
+        """Schedule `num_tokens` of seq's uncached tokens (fixes `samples` before the step runs)."""
+        return cls(seq, num_tokens, seq.num_cached + num_tokens == seq.num_tokens)
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """The plan of one step."""
+
+    scheduled: list[ScheduledSequence]
+    preempted: list[Sequence]  # sent back to waiting this step (their blocks were freed)
+
+    @property
+    def num_tokens(self) -> int:
+        """New tokens in the step."""
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; plans steps over a BlockManager."""
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; all it may ever hold must fit the cache alone, or it could hang."""
+        # The last token fed to the model sits at position prompt + max_tokens - 2.
+        needed = min(seq.num_tokens + seq.params.max_tokens - 1, seq.max_context)
+        if self.blocks.blocks_for(needed) > self.blocks.num_blocks:
+            raise ValueError(f"request {seq.request_id} may need {needed} tokens of KV cache; "
+                             f"the cache holds {self.blocks.num_blocks * self.blocks.block_size}")
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove a waiting or running sequence, free its blocks, mark it aborted."""
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                return self._finish(seq, FinishReason.ABORTED)
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                return self._finish(seq, FinishReason.ABORTED)
+        return None
+
+    def release_finished(self) -> list[Sequence]:
+        """Drop running sequences that finished this step, freeing their blocks at once."""
+        done = [s for s in self.running if s.is_finished]
+        for seq in done:
+            self.running.remove(seq)
+            self.blocks.release(seq.block_table)
+        return done
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> Sequence:
+        self.blocks.release(seq.block_table)
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+        return seq
+
+    @property
+    def has_unfinished(self) -> bool:
+        """True while any sequence waits or runs."""
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ planning
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):  # decodes first: the running streams never stall
+            if seq not in self.running or seq.num_tokens - seq.num_cached != 1:
+                continue
+            if not self._make_room(seq, seq.num_tokens, preempted):
+                continue  # seq itself was preempted
+            scheduled.append(ScheduledSequence.plan(seq, 1))
+            budget -= 1
+        for seq in self.running:  # prompts part-way through their chunked prefill
+            if budget <= 0:
+                break
+            remaining = seq.num_tokens - seq.num_cached
+            if remaining <= 1 or any(s.seq is seq for s in scheduled):
+                continue
+            chunk = min(remaining, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_cached + chunk):
+                break
+            self.blocks.grow(seq.block_table, seq.num_cached + chunk)
+            scheduled.append(ScheduledSequence.plan(seq, chunk))
+            budget -= chunk
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            chunk = min(seq.num_tokens - seq.num_cached, budget)
+            # Keep one free block per running sequence so admissions don't force preemptions.
+            reserve = len(self.running)
+            if self.blocks.extra_blocks(seq.block_table, seq.num_cached + chunk) + reserve > self.blocks.num_free:
+                if self.running or not self.blocks.can_grow(seq.block_table, seq.num_cached + chunk):
+                    break
+            self.waiting.popleft()
+            self.blocks.grow(seq.block_table, seq.num_cached + chunk)
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence.plan(seq, chunk))
+            budget -= chunk
+        return SchedulerOutput(scheduled, preempted)
+
+    def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+        """Grow seq's table to num_tokens positions, preempting the newest others if needed.
+
+        Returns False when seq itself had to be preempted.
+        """
+        while not self.blocks.can_grow(seq.block_table, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.block_table, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks and queue it first in line; it resumes by recomputing its tokens."""
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """Record that the planned tokens' K/V are now cached."""
+        for item in out.scheduled:
+            item.seq.num_cached += item.num_tokens
