@@ -30,6 +30,7 @@ test: install
 
 bench: install
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_engine.py
 
 clean-cache:
 	rm -rf $${GEMMA_DIST_CACHE:-$$HOME/.cache/gemma_dist}

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--kv-cache-memory", type=float, default=2 * 2**30,
+                     help="KV cache budget: bytes (> 1) or a fraction of the machine's memory (<= 1)")
     return parser
 
 
@@ -36,7 +38,7 @@ def _generate_local(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop))
     start = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, variant=args.variant)
+    llm = LLM(model=args.model, dtype=args.dtype, variant=args.variant, kv_cache_memory=args.kv_cache_memory)
     loaded = time.perf_counter()
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]

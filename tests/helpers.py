@@ -38,13 +38,18 @@ def tiny_hf_config(family: str, rope_scaling: bool = False):
     raise ValueError(family)
 
 
-def make_tiny_hf_checkpoint(family: str, directory: Path, rope_scaling: bool = False, seed: int = 0):
-    """Save a random-weight transformers model (with non-trivial norm weights) to `directory`."""
+def make_tiny_hf_checkpoint(family: str, directory: Path, rope_scaling: bool = False, seed: int = 0,
+                            head_dim_scale: bool = False):
+    """Save a random-weight transformers model (with non-trivial norm weights) to `directory`.
+
+    head_dim_scale: query_pre_attn_scalar = head_dim, as GGUF (which has no such key) implies.
+    """
     import transformers
 
     torch.manual_seed(seed)
     config = tiny_hf_config(family, rope_scaling)
-    config._attn_implementation = "eager"
+    if head_dim_scale and family != "gemma1":
+        config.query_pre_attn_scalar = config.head_dim
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -34,7 +34,7 @@ from gemma_dist.model.loading import (
     open_checkpoint, parse_dtype,
 )
 from gemma_dist.model.loading.common import load_weights
-from tests.helpers import VOCAB, forward_chunks, tiny_hf_config
+from tests.helpers import VOCAB, forward_chunks, make_tiny_hf_checkpoint, tiny_hf_config
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -63,21 +63,9 @@ class Tiny:
 
 
 def _save_tiny_hf(family: str, directory: Path, seed: int = 0):
-    """Like tests.helpers.make_tiny_hf_checkpoint, but with query_pre_attn_scalar = head_dim.
-
-    GGUF has no query_pre_attn_scalar key (llama.cpp derives the attention scale), so the
-    checkpoints that are converted to GGUF must use the default scale to be comparable.
-    """
-    torch.manual_seed(seed)
-    config = tiny_hf_config(family)
-    if family != "gemma1":
-        config.query_pre_attn_scalar = config.head_dim
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.3 if "norm" in name else 0.08)
-    model.save_pretrained(directory, safe_serialization=True)
-    return model
+    """A tiny checkpoint with query_pre_attn_scalar = head_dim: GGUF has no such key (llama.cpp
+    derives the attention scale), so checkpoints converted to GGUF must use the default scale."""
+    return make_tiny_hf_checkpoint(family, directory, seed=seed, head_dim_scale=True)
 
 
 def _logits(model: GemmaForCausalLM, ids: list[int] = IDS) -> torch.Tensor:

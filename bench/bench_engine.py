@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Offline engine throughput of gemma_dist against transformers' batched generate, same run.
+
+Workload: N requests of P random prompt tokens + O generated tokens each (greedy, ignore_eos),
+default model (Gemma 3 270M), fp32. Also: output tok/s at several concurrency levels, time to
+first token of a request that arrives while 31 others are decoding, and KV memory per token.
+
+    .venv/bin/python bench/bench_engine.py [--requests 32] [--prompt-len 128] [--output-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gemma_dist import LLM, SamplingParams  # noqa: E402
+from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from gemma_dist.engine.model_runner import kv_bytes_per_token  # noqa: E402
+from gemma_dist.model.loading.default_model import default_model_dir  # noqa: E402
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of `length` random ordinary token ids, BOS first."""
+    g = torch.Generator().manual_seed(seed)
+    return [[2] + torch.randint(1000, vocab // 2, (length - 1,), generator=g).tolist() for _ in range(n)]
+
+
+def engine_throughput(llm: LLM, work: list[list[int]], output_len: int) -> float:
+    """Output tok/s of LLM.generate over the whole workload (prefill included)."""
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(work, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == output_len for o in outs)
+    return len(work) * output_len / elapsed
+
+
+def transformers_throughput(work: list[list[int]], output_len: int) -> float:
+    """Output tok/s of transformers' batched generate on the same weights and prompts."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+    ids = torch.tensor(work)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False, top_p=None, top_k=None,
+                             temperature=None, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + output_len
+    return len(work) * output_len / elapsed
+
+
+def time_to_first_token_under_load(llm: LLM, work: list[list[int]], output_len: int) -> float:
+    """Seconds from adding a request to its first token while len(work) others are decoding."""
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=1 << 30))
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    for i, prompt in enumerate(work):
+        engine.add_request(f"bg{i}", prompt, params)
+    while engine.stats().waiting or any(s.num_cached < len(s.prompt_token_ids)
+                                        for s in engine.scheduler.running):
+        engine.step()  # until every background request is decoding
+    engine.add_request("probe", work[0], params)
+    start = time.perf_counter()
+    while True:
+        if any(d.request_id == "probe" and d.token_ids for d in engine.step()):
+            return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--sweep", default="1,8,32,64", help="concurrency levels for the tok/s sweep")
+    parser.add_argument("--sweep-output-len", type=int, default=64)
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    llm = LLM(model="default", dtype="float32")
+    vocab = llm.config.vocab_size
+    work = prompts(args.requests, args.prompt_len, vocab)
+    engine_warm = engine_throughput(llm, work[:2], 4)  # warm-up (allocations, kernels)
+    del engine_warm
+    ours = engine_throughput(llm, work, args.output_len)
+    print(f"  gemma_dist engine: {ours:.1f} tok/s", file=sys.stderr)
+    theirs = None if args.skip_transformers else transformers_throughput(work, args.output_len)
+    if theirs:
+        print(f"  transformers: {theirs:.1f} tok/s", file=sys.stderr)
+    sweep = []
+    for n in (int(x) for x in args.sweep.split(",")):
+        rate = engine_throughput(llm, prompts(n, args.prompt_len, vocab, seed=n), args.sweep_output_len)
+        sweep.append((n, rate))
+        print(f"  {n} concurrent: {rate:.1f} tok/s", file=sys.stderr)
+    ttft = time_to_first_token_under_load(llm, prompts(31, args.prompt_len, vocab, seed=99), args.output_len)
+    per_token = kv_bytes_per_token(llm.model, torch.float32)
+
+    print(f"\nGemma 3 270M, fp32, {torch.get_num_threads()} CPU threads, torch {torch.__version__}\n")
+    print(f"| {'measure':<62} | {'value':>12} |")
+    print(f"|{'-' * 64}|{'-' * 14}|")
+    label = f"{args.requests} x ({args.prompt_len} prompt + {args.output_len} output)"
+    print(f"| {'gemma_dist engine, ' + label + ', output tok/s':<62} | {ours:>12.1f} |")
+    if theirs:
+        print(f"| {'transformers batched generate, same workload, output tok/s':<62} | {theirs:>12.1f} |")
+        print(f"| {'speed-up over transformers':<62} | {ours / theirs:>11.2f}x |")
+    for n, rate in sweep:
+        name = f"{n} concurrent ({args.prompt_len} + {args.sweep_output_len}), output tok/s"
+        print(f"| {name:<62} | {rate:>12.1f} |")
+    print(f"| {'time to first token, arriving while 31 decode (s)':<62} | {ttft:>12.3f} |")
+    print(f"| {'KV cache per token (bytes, all 18 layers, K+V, fp32)':<62} | {per_token:>12,} |")
+    print(f"| {'KV cache tokens held by the default 2 GiB budget':<62} | {llm.max_cached_tokens:>12,} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
