@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 #   make install TORCH_SPEC='torch==2.13.0' PIP_TORCH_ARGS='--index-url ...'
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-PROMPT ?= Explain in two sentences why the sky is blue.
+PROMPT ?= The three primary colors are
 
 .PHONY: install serve test bench clean-cache
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 serve: install
-	$(VENV)/bin/gemma-dist generate --local --chat --temperature 0 --max-tokens 96 "$(PROMPT)"
+	$(VENV)/bin/gemma-dist generate --local --temperature 0 --max-tokens 64 "$(PROMPT)"
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
