@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 from typing import Mapping, Sequence as Seq
 
 
@@ -62,7 +63,8 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for each prompt (text, or a list of token ids); outputs keep the input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)) \
+                or getattr(prompts, "ndim", None) == 1:
             prompts = [prompts]
         params = _per_prompt(sampling_params, len(prompts))
         return self._run([dict(prompt=p) for p in prompts], params)

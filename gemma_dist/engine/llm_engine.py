@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
+import queue
 import threading
 from typing import AsyncIterator, Mapping, Sequence as Seq
 
@@ -29,6 +31,7 @@ from gemma_dist.sampling import Sampler, SamplingParams, SamplingRow, TokenLogpr
 from gemma_dist.tokenizer import IncrementalDetokenizer
 
 GiB = 1 << 30
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +119,9 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds no block of {per_block} bytes")
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, Sampler(config.seed))
+        # Gemma 3 4b+ embeddings have more rows (262,208) than the tokenizer has pieces: never sample those.
+        self.runner = ModelRunner(model, num_blocks, config.block_size, Sampler(config.seed),
+                                  vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size))
         self._requests: dict[str, _Request] = {}
 
     @classmethod
@@ -126,9 +131,11 @@ class LLMEngine:
         from gemma_dist.model.loading import load_model, open_checkpoint
 
         checkpoint = open_checkpoint(model, variant)
-        tokenizer = checkpoint.load_tokenizer()
-        loaded = load_model(checkpoint, dtype, device)
-        checkpoint.source.close()
+        try:
+            tokenizer = checkpoint.load_tokenizer()
+            loaded = load_model(checkpoint, dtype, device)
+        finally:
+            checkpoint.source.close()
         return cls(loaded, tokenizer, config)
 
     # ------------------------------------------------------------------ requests
@@ -199,8 +206,15 @@ class LLMEngine:
         result = self.runner.execute(self._step_inputs(plan))
         self.scheduler.on_step_done(plan)
         sampled = [item.seq for item in plan.scheduled if item.samples]
-        deltas = [self._append(seq, token, logprob)
-                  for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)]
+        deltas = []
+        for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
+            try:
+                deltas.append(self._append(seq, token, logprob))
+            except Exception:  # one request's failure (e.g. detokenizing) must not stall the rest
+                log.exception("request %s failed in postprocessing; aborting it", seq.request_id)
+                seq.finish_reason = FinishReason.ABORTED
+                deltas.append(RequestDelta(seq.request_id, [], "", FinishReason.ABORTED, [],
+                                           len(seq.prompt_token_ids), len(seq.output_token_ids)))
         for seq in self.scheduler.release_finished():
             self._requests.pop(seq.request_id, None)
         return deltas
@@ -240,84 +254,141 @@ class LLMEngine:
                             len(seq.prompt_token_ids), len(seq.output_token_ids))
 
 
+class EngineStoppedError(RuntimeError):
+    """The async engine was shut down, or its step loop failed."""
+
+
+@dataclasses.dataclass
+class _Stream:
+    """Where one request's deltas go: a queue owned by the caller's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> bool:
+        """Hand an item to the consumer; False when its event loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            return True
+        except RuntimeError:  # the consumer's loop was closed
+            return False
+
+
 class AsyncLLMEngine:
     """Runs an LLMEngine's step loop in a background thread; each request is an async iterator.
 
-    Torch releases the GIL inside its kernels, so the event loop stays responsive while a
-    step runs. Closing a request's iterator early (client gone) aborts the request.
+    The event loop never waits for a step: adds and aborts are commands the engine thread
+    applies between steps, and stats are a snapshot taken after each step. Torch releases
+    the GIL inside its kernels, so the event loop stays responsive while a step runs. Closing
+    a request's iterator early (client gone) aborts the request.
     """
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._lock = threading.Lock()  # guards the engine: steps vs add/abort
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
+        self._stats = engine.stats()
+        self._failure: BaseException | None = None
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="gemma-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="gemma-engine", daemon=True)
         self._thread.start()
 
     async def generate(self, request_id: str, prompt: str | Seq[int] | None = None,
                        params: SamplingParams | None = None, *,
                        chat: Seq[Mapping[str, str]] | None = None) -> AsyncIterator[RequestDelta]:
-        """Add a request and yield its deltas as the engine produces them."""
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(request_id, prompt, params, chat=chat)
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._wakeup.set()
+        """Add a request and yield its deltas as the engine produces them.
+
+        Bad input (an empty prompt, an id in use, ...) raises ValueError on the first iteration.
+        """
+        if self._stopped or self._failure is not None:
+            raise EngineStoppedError("the engine is shut down") from self._failure
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._send(("add", request_id, stream, dict(prompt=prompt, params=params, chat=chat)))
         finished = False
         try:
             while True:
-                delta = await queue.get()
+                delta = await stream.queue.get()
                 if isinstance(delta, BaseException):
+                    finished = True
                     raise delta
                 finished = delta.finish_reason is not None
                 yield delta
                 if finished:
                     return
         finally:
-            if not finished:
-                self.abort(request_id)
+            if not finished:  # the consumer left early: stop generating for it
+                self._send(("abort", request_id, stream))
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its blocks (no-op if it already finished)."""
-        with self._lock:
-            self._streams.pop(request_id, None)
-            self.engine.abort(request_id)
+        """Stop a request and free its blocks; its iterator ends with an ABORTED delta."""
+        self._send(("abort", request_id, None))
 
     def stats(self) -> EngineStats:
-        """The engine's counters."""
-        with self._lock:
-            return self.engine.stats()
+        """The engine's counters as of the end of the last step."""
+        return self._stats
 
     def shutdown(self) -> None:
-        """Stop the step loop."""
+        """Stop the step loop; open iterators end with EngineStoppedError."""
         self._stopped = True
         self._wakeup.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
 
-    def _loop(self) -> None:
-        while not self._stopped:
-            with self._lock:
-                busy = self.engine.has_unfinished_requests
-            if not busy:
-                self._wakeup.wait(0.05)
-                self._wakeup.clear()
-                continue
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests:
+                    self._wakeup.wait(0.05)
+                    self._wakeup.clear()
+                    continue
+                deltas = self.engine.step()
+                self._stats = self.engine.stats()  # before delivery: a consumer may look at once
+                for delta in deltas:
+                    self._deliver(delta.request_id, delta, final=delta.finish_reason is not None)
+        except BaseException as error:  # a failed step fails every open stream, loudly
+            self._failure = error
+        finally:
+            reason = EngineStoppedError("the engine is shut down" if self._failure is None
+                                        else f"the engine step loop failed: {self._failure!r}")
+            for request_id in list(self._streams):
+                self.engine.abort(request_id)
+            self._stats = self.engine.stats()
+            for request_id in list(self._streams):
+                self._deliver(request_id, reason, final=True)
+
+    def _apply_commands(self) -> None:
+        while True:
             try:
-                with self._lock:
-                    deltas = self.engine.step()
-                    targets = [(self._streams.get(d.request_id), d) for d in deltas]
-                    for d in deltas:
-                        if d.finish_reason is not None:
-                            self._streams.pop(d.request_id, None)
-            except Exception as error:  # a failed step fails every open stream, loudly
-                with self._lock:
-                    targets = [(stream, error) for stream in self._streams.values()]
-                    for request_id in list(self._streams):
-                        self.engine.abort(request_id)
-                    self._streams.clear()
-            for stream, item in targets:
-                if stream is not None:
-                    loop, queue = stream
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            kind, request_id, stream = command[:3]
+            if kind == "add":
+                try:
+                    self.engine.add_request(request_id, **command[3])
+                except ValueError as error:
+                    stream.put(error)
+                    continue
+                self._streams[request_id] = stream
+            elif stream is None or self._streams.get(request_id) is stream:  # never a newer namesake
+                final = self.engine.abort(request_id)
+                self._stats = self.engine.stats()
+                if final is not None:
+                    self._deliver(request_id, final, final=True)
+
+    def _deliver(self, request_id: str, item, final: bool) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if final:
+            del self._streams[request_id]
+        if not stream.put(item) and not final:  # nobody is listening any more
+            del self._streams[request_id]
+            self.engine.abort(request_id)

@@ -37,8 +37,9 @@ class ModelRunner:
     """Owns the model, its paged KV cache and the sampler; executes steps."""
 
     def __init__(self, model: GemmaForCausalLM, num_blocks: int, block_size: int,
-                 sampler: Sampler | None = None):
+                 sampler: Sampler | None = None, vocab_limit: int | None = None):
         self.model = model
+        self.vocab_limit = vocab_limit  # ids at or above it are never sampled (no tokenizer piece)
         self.block_size = block_size
         self.num_blocks = num_blocks
         dtype = next(model.parameters()).dtype
@@ -58,6 +59,8 @@ class ModelRunner:
             return SampleResult(token_ids=[], logprobs=[])
         last = meta.last_token_index[torch.tensor(rows, device=self.device)]
         logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[:, self.vocab_limit:] = float("-inf")
         return self.sampler(logits, [steps[i].sampling for i in rows])
 
     @torch.inference_mode()

@@ -56,6 +56,7 @@ class GemmaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """(T, H) → (T, H): project, QK-norm, RoPE, write K/V to the cache, attend, project out."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)  # (T, Hq, D)
@@ -83,6 +84,7 @@ class GemmaMLP(nn.Module):
         self.down_proj = RowParallelLinear(full, config.hidden_size, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, H) → (T, H)."""
         gate, up = self.gate_up_proj(x).split([self.local, self.local], dim=-1)
         return self.down_proj(gelu_tanh(gate) * up)
 
@@ -104,6 +106,7 @@ class GemmaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """(T, H) residual stream → (T, H)."""
         h = self.attn(self.input_norm(x), rope, cache, meta)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)

@@ -185,6 +185,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize over the last dim in fp32, scale by (1 + w), back to x.dtype."""
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + self.weight.float())).type_as(x)
@@ -232,6 +233,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_local, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, in) → (T, this rank's out rows)."""
         return linear(x, self.weight)
 
     def shard_specs(self, prefix: str, param_name: str) -> dict[str, ShardSpec]:
@@ -256,6 +258,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, this rank's in cols) → (T, out), summed over ranks."""
         return self.parallel.all_reduce(linear(x, self.weight))
 
     def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
@@ -282,6 +285,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.vocab_local, dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(T,) ids → (T, H) embeddings (each rank looks up the ids it owns; summed)."""
         if self.parallel.size == 1:
             return F.embedding(ids, self.weight)
         owned = (ids >= self.vocab_start) & (ids < self.vocab_stop)
@@ -297,9 +301,10 @@ class VocabParallelEmbedding(nn.Module):
         return self.parallel.all_gather_last_dim(local)[..., : self.vocab_size]
 
     def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
-        """Checkpoint name → this rank's vocabulary rows (the last rank's tail is zero padding)."""
+        """Checkpoint name → this rank's vocabulary rows; rows past the vocabulary (the last
+        ranks' tail when tp does not divide it) are zero padding."""
         return {name: ShardSpec(param_name, (self.vocab_size, self.weight.shape[1]), dim=0,
-                                start=self.vocab_start, stop=self.vocab_stop)}
+                                start=self.vocab_start, stop=self.vocab_start + self.vocab_local)}
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -191,3 +191,36 @@ def test_async_iterator_streams_and_cancels(default_llm):
         assert (stats.waiting, stats.running, stats.free_blocks) == (0, 0, stats.total_blocks)
     finally:
         engine.shutdown()
+
+
+def test_async_abort_bad_input_and_shutdown_never_hang(default_llm):
+    engine = AsyncLLMEngine(LLMEngine(default_llm.model, default_llm.tokenizer, EngineConfig(kv_cache_memory=64 << 20)))
+
+    async def aborted_from_outside():
+        deltas = []
+        async for delta in engine.generate("victim", GOLDEN["prose"]["prompt"], SamplingParams(max_tokens=500)):
+            deltas.append(delta)
+            if len(deltas) == 2:
+                engine.abort("victim")
+        return deltas
+
+    async def bad_input():
+        with pytest.raises(ValueError, match="prompt must not be empty"):
+            async for _ in engine.generate("bad", "", SamplingParams()):
+                pass
+
+    async def stopped_mid_stream():
+        from gemma_dist.engine.llm_engine import EngineStoppedError
+        with pytest.raises(EngineStoppedError):
+            async for _ in engine.generate("long", GOLDEN["code"]["prompt"], SamplingParams(max_tokens=500)):
+                await asyncio.to_thread(engine.shutdown)
+
+    async def main():
+        deltas = await asyncio.wait_for(aborted_from_outside(), timeout=120)
+        assert deltas[-1].finish_reason is FinishReason.ABORTED and len(deltas) <= 4
+        await asyncio.wait_for(bad_input(), timeout=60)
+        stats = engine.stats()
+        assert (stats.waiting, stats.running, stats.free_blocks) == (0, 0, stats.total_blocks)
+        await asyncio.wait_for(stopped_mid_stream(), timeout=120)
+
+    asyncio.run(main())

@@ -942,3 +942,31 @@ def test_build_model_constructs_on_meta(monkeypatch):
     assert seen == ["meta", {"meta"}]
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.bfloat16)}
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("tp", [3, 4])
+def test_vocab_shards_that_overhang_the_vocabulary_are_zero_padded(tp):
+    """vocab 10 over tp ranks: the last ranks own rows past the vocabulary (even none at all)."""
+    from gemma_dist.model.layers import ParallelContext, VocabParallelEmbedding
+    from gemma_dist.model.loading.common import WeightSource, load_weights
+
+    full = torch.arange(40, dtype=torch.float32).view(10, 4) + 1
+
+    class OneTensor(WeightSource):
+        def names(self):
+            return ["embed.weight"]
+
+        def shape(self, name):
+            return (10, 4)
+
+        def read(self, name, dim=None, start=0, stop=0):
+            return full if dim is None else full.narrow(dim, start, stop - start)
+
+    rows = []
+    for rank in range(tp):
+        layer = VocabParallelEmbedding(10, 4, ParallelContext(rank, tp))
+        load_weights(layer, layer.shard_specs("embed.weight", "weight"), OneTensor())
+        rows.append(layer.weight.data)
+    stacked = torch.cat(rows)
+    assert torch.equal(stacked[:10], full)
+    assert not stacked[10:].any()

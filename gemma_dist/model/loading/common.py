@@ -60,12 +60,17 @@ class WeightSource(abc.ABC):
 
 
 def _read_slice(source: WeightSource, name: str, spec: ShardSpec) -> torch.Tensor:
-    """This rank's part of the tensor, zero-padded when the last vocabulary shard overhangs."""
+    """This rank's part of the tensor; shorter than asked (even empty) where a vocabulary
+    shard overhangs the end of the vocabulary."""
     if spec.dim is None:
         return source.read(name)
     full = spec.full_shape[spec.dim]
-    stop = min(spec.stop, full)
-    return source.read(name, spec.dim, spec.start, stop)
+    start, stop = min(spec.start, full), min(spec.stop, full)
+    if start == stop:
+        shape = list(spec.full_shape)
+        shape[spec.dim] = 0
+        return torch.empty(shape)
+    return source.read(name, spec.dim, start, stop)
 
 
 def load_weights(model: nn.Module, specs: dict[str, ShardSpec], source: WeightSource,

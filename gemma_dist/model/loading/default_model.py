@@ -8,6 +8,7 @@ later start is a plain memory-mapped safetensors load.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -44,7 +45,12 @@ def default_model_dir() -> Path:
              "format_version": _FORMAT_VERSION}
     if _stamp_matches(target, stamp):
         return target
-    convert_gguf_to_hf(gguf_path, target, stamp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (tp ranks, replicas) may start on an empty cache: one converts.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _stamp_matches(target, stamp):
+            convert_gguf_to_hf(gguf_path, target, stamp)
     return target
 
 

@@ -106,14 +106,17 @@ class GemmaCkptSource(WeightSource):
             self._where[name] = (name, 0, None)
 
     def names(self) -> list[str]:
+        """Canonical names of every tensor the checkpoint holds."""
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Full shape of a tensor, without reading its data."""
         ckpt, _, rows = self._where[name]
         shape = tuple(self._state[ckpt].shape)
         return shape if rows is None else (rows, *shape[1:])
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        """The tensor (dim=None) or its [start, stop) slice along `dim`."""
         ckpt, first, rows = self._where[name]
         tensor = self._state[ckpt]
         scaler = self._state.get(ckpt + "_scaler")

@@ -121,13 +121,16 @@ class GGUFSource(WeightSource):
         self._tensors = {canonical_name(t.name): t for t in reader.tensors}
 
     def names(self) -> list[str]:
+        """Canonical names of every tensor the checkpoint holds."""
         return list(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Full shape of a tensor, without reading its data."""
         # GGUF lists dimensions fastest-first (ne0 = columns); torch wants rows first.
         return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        """The tensor (dim=None) or its [start, stop) slice along `dim`."""
         import gguf
 
         tensor = self._tensors[name]

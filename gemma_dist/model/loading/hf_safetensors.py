@@ -64,6 +64,9 @@ def read_config(path: Path, name: str | None = None) -> ModelConfig:
     except (OSError, json.JSONDecodeError) as e:
         raise WeightLoadError(f"{path / 'config.json'}: cannot read config ({e})") from e
     model_type = raw.get("model_type")
+    if raw.get("tie_word_embeddings") is False or raw.get("text_config", {}).get("tie_word_embeddings") is False:
+        raise WeightLoadError(f"{path / 'config.json'}: untied word embeddings are not a Gemma layout "
+                              "(every Gemma ties the LM head to the embedding)")
     if model_type == "gemma3" and "text_config" in raw:
         raw = {**raw["text_config"], "model_type": "gemma3_text"}
         model_type = "gemma3_text"
@@ -185,13 +188,16 @@ class SafetensorsSource(WeightSource):
                     self._where[canonical] = (str(file), name)
 
     def names(self) -> list[str]:
+        """Canonical names of every tensor the checkpoint holds."""
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Full shape of a tensor, without reading its data."""
         file, hf = self._where[name]
         return tuple(self._files[file].get_slice(hf).get_shape())
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        """The tensor (dim=None) or its [start, stop) slice along `dim`."""
         file, hf = self._where[name]
         view = self._files[file].get_slice(hf)
         if dim is None:
@@ -200,6 +206,7 @@ class SafetensorsSource(WeightSource):
         return view[index]
 
     def close(self) -> None:
+        """Release file handles."""
         self._files.clear()
 
 
