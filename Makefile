@@ -9,20 +9,24 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PROMPT ?= The three primary colors are
 
-.PHONY: install serve test bench clean-cache
+.PHONY: install serve demo test bench clean-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml setup.py protos/gemma_dist/v1/gemma.proto | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) gemma_dist/server/codegen.py
 	touch $(STAMP)
 
 install: $(STAMP)
 
 serve: install
+	$(VENV)/bin/gemma-dist serve
+
+demo: install
 	$(VENV)/bin/gemma-dist generate --local --temperature 0 --max-tokens 64 "$(PROMPT)"
 
 test: install

@@ -1,4 +1,4 @@
-"""`gemma-dist` command line: generate (offline with --local)."""
+"""`gemma-dist` command line: serve (gRPC gateway), generate (via a server, or --local)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,28 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="gemma-dist", description="Serve and run Google's Gemma models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC server on a model")
+    serve.add_argument("--model", default="default",
+                       help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
+    serve.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    serve.add_argument("--replicas", type=int, default=1, help="model replicas")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only)")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=8000)
+    serve.add_argument("--address", default=None, help="Ray cluster to join: auto or HOST:PORT")
+    serve.add_argument("--kv-cache-memory", type=float, default=2 * 2**30,
+                       help="KV cache budget per replica: bytes (> 1) or a fraction of memory (<= 1)")
+    serve.add_argument("--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask")
+    serve.add_argument("--batch-invariant", action="store_true",
+                       help="make outputs bitwise independent of batching (slower for lone requests)")
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--local", action="store_true",
                      help="run the model in this process (no server)")
+    gen.add_argument("--target", default="127.0.0.1:50051", help="server address (without --local)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive (with a server)")
     gen.add_argument("--model", default="default",
                      help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
     gen.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
@@ -52,18 +70,42 @@ def _generate_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from gemma_dist.client import Client
+
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens,
+                    seed=args.seed, stop=args.stop)
+    chat = [{"role": "user", "content": args.prompt}] if args.chat else None
+    prompt = None if args.chat else args.prompt
+    try:
+        with Client(args.target) as client:
+            if args.stream:
+                for piece in client.generate_stream(prompt, chat=chat, **sampling):
+                    print(piece.text, end="", flush=True)
+                print()
+            else:
+                print(client.generate(prompt, chat=chat, **sampling).text)
+    except grpc.RpcError as e:
+        print(f"gemma-dist: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gemma-dist` console script."""
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        if not args.local:
-            print("gemma-dist generate: the gRPC server is not available yet; use --local", file=sys.stderr)
-            return 2
-        try:
-            return _generate_local(args)
-        except ValueError as e:  # bad sampling values, bad model path: one clear line
-            print(f"gemma-dist: error: {e}", file=sys.stderr)
-            return 2
+    try:
+        if args.command == "serve":
+            from gemma_dist.server.serve import serve
+
+            return serve(args)
+        if args.command == "generate":
+            return _generate_local(args) if args.local else _generate_remote(args)
+    except ValueError as e:  # bad sampling values, bad model path: one clear line
+        print(f"gemma-dist: error: {e}", file=sys.stderr)
+        return 2
     return 2
 
 

@@ -1,0 +1,72 @@
+"""Python client of a gemma_dist server (gRPC): `Client("127.0.0.1:50051").generate("...")`."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import grpc
+
+import gemma_dist.server  # noqa: F401  (generates the stubs in a fresh checkout)
+from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "stop_token_ids", "seed",
+                    "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos")
+
+
+class Client:
+    """A blocking client; `generate` returns the whole completion, `generate_stream` its pieces."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        self.channel = (grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target))
+        self.stub = gemma_pb2_grpc.GemmaServiceStub(self.channel)
+        self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def generate(self, prompt: str | Sequence[int] | None = None, *, chat: Sequence[dict] | None = None,
+                 request_id: str = "", model: str = "", **sampling) -> gemma_pb2.GenerateResponse:
+        """The whole completion (`.text`, `.token_ids`, `.finish_reason`, `.usage`)."""
+        return self.stub.Generate(make_request(prompt, chat, request_id, model, **sampling),
+                                  timeout=self.timeout, metadata=self.metadata)
+
+    def generate_stream(self, prompt: str | Sequence[int] | None = None, *, chat: Sequence[dict] | None = None,
+                        request_id: str = "", model: str = "", **sampling) -> Iterator[gemma_pb2.GenerateResponse]:
+        """The completion piece by piece, as the server produces it."""
+        return self.stub.GenerateStream(make_request(prompt, chat, request_id, model, **sampling),
+                                        timeout=self.timeout, metadata=self.metadata)
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text` under the served model's tokenizer."""
+        return list(self.stub.Tokenize(gemma_pb2.TokenizeRequest(text=text, add_bos=add_bos),
+                                       timeout=self.timeout, metadata=self.metadata).token_ids)
+
+    def model_info(self) -> gemma_pb2.ModelInfo:
+        """What the server serves."""
+        return self.stub.GetModelInfo(gemma_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_request(prompt=None, chat=None, request_id: str = "", model: str = "", **sampling) -> gemma_pb2.GenerateRequest:
+    """A GenerateRequest from Python values (sampling keywords as in SamplingParams)."""
+    unknown = set(sampling) - set(_SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
+    request = gemma_pb2.GenerateRequest(request_id=request_id, model=model,
+                                        sampling=gemma_pb2.SamplingParams(**{k: v for k, v in sampling.items()
+                                                                              if v is not None}))
+    if chat is not None:
+        request.chat.messages.extend(gemma_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+    elif isinstance(prompt, str):
+        request.prompt = prompt
+    elif prompt is not None:
+        request.prompt_token_ids.ids.extend(int(t) for t in prompt)
+    return request

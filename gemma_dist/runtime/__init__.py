@@ -1,0 +1,1 @@
+"""Replicas the gateway routes to. Ray lives only in this package."""

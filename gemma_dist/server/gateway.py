@@ -1,0 +1,154 @@
+"""The gRPC gateway: validates requests, routes each to the least-loaded ready replica, and
+streams its deltas back. Serves gemma_dist.v1.GemmaService, grpc.health.v1.Health and server
+reflection on a grpc.aio server."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from typing import AsyncIterator, Protocol, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from gemma_dist.engine.llm_engine import RequestDelta
+from gemma_dist.engine.sequence import FinishReason
+from gemma_dist.sampling import SamplingParams
+from gemma_dist.server.validation import CheckedRequest, ServedModel, ValidationError, check_generate, check_length
+from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gemma_pb2.DESCRIPTOR.services_by_name["GemmaService"].full_name
+MAX_MESSAGE_BYTES = 16 << 20  # bounds every request and response
+_FINISH = {FinishReason.STOP: gemma_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: gemma_pb2.FINISH_REASON_LENGTH,
+           FinishReason.ABORTED: gemma_pb2.FINISH_REASON_ABORTED}
+
+
+class Replica(Protocol):
+    """What the gateway needs of a replica (runtime.local.LocalReplica, Ray replicas)."""
+
+    name: str
+
+    def is_ready(self) -> bool: ...
+
+    def load(self) -> int: ...
+
+    def generate(self, request_id: str, params: SamplingParams, **engine_input) -> AsyncIterator[RequestDelta]: ...
+
+
+class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
+    """gemma_dist.v1.GemmaService over a set of replicas."""
+
+    def __init__(self, replicas: Sequence[Replica], served: ServedModel, tokenizer, variant: str, tp: int = 1):
+        self.replicas = list(replicas)
+        self.served = served
+        self.tokenizer = tokenizer
+        self.variant = variant
+        self.tp = tp
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Generate(self, request, context):
+        """The whole completion."""
+        out = gemma_pb2.GenerateResponse()
+        async for delta, checked in self._deltas(request, context):
+            out.request_id = checked.request_id
+            _merge(out, delta)
+        return out
+
+    async def GenerateStream(self, request, context):
+        """One response per delta; the last carries finish_reason and usage."""
+        async for delta, checked in self._deltas(request, context):
+            response = gemma_pb2.GenerateResponse(request_id=checked.request_id)
+            _merge(response, delta)
+            yield response
+
+    async def Tokenize(self, request, context):
+        """Text → token ids."""
+        await self._check_model(request.model, context)
+        return gemma_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, add_bos=request.add_bos))
+
+    async def GetModelInfo(self, request, context):
+        """What is served."""
+        return gemma_pb2.ModelInfo(name=self.served.name, variant=self.variant, vocab_size=self.served.vocab_size,
+                                   max_context=self.served.max_context, tp=self.tp,
+                                   replicas_ready=sum(r.is_ready() for r in self.replicas))
+
+    # ------------------------------------------------------------------ internals
+
+    async def _check_model(self, name: str, context) -> None:
+        if name and name != self.served.name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model: unknown model {name!r}; this server serves "
+                                                           f"{self.served.name!r}")
+
+    async def _deltas(self, request, context) -> AsyncIterator[tuple[RequestDelta, CheckedRequest]]:
+        try:
+            checked = check_generate(request, self.served, f"req-{uuid.uuid4().hex[:12]}")
+            if checked.prompt is not None:
+                check_length(len(self.tokenizer.encode(checked.prompt)), checked.params.max_tokens, self.served)
+            elif checked.chat is not None:
+                check_length(len(self.tokenizer.encode_chat(checked.chat)), checked.params.max_tokens, self.served,
+                             "chat")
+        except ValidationError as e:
+            code = grpc.StatusCode.NOT_FOUND if e.not_found else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(e))
+        except ValueError as e:  # e.g. the chat template's own checks
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        replica = self._pick()
+        if replica is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
+        log.info("request %s → replica %s", checked.request_id, replica.name)
+        try:
+            async for delta in replica.generate(checked.request_id, checked.params, **checked.engine_input()):
+                yield delta, checked
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def _pick(self) -> Replica | None:
+        """The least-loaded ready replica (ties: the first)."""
+        ready = [r for r in self.replicas if r.is_ready()]
+        return min(ready, key=lambda r: r.load()) if ready else None
+
+
+def _merge(response: gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:
+    """Append a delta's text, tokens and logprobs; set finish_reason and usage when it is the last."""
+    response.text += delta.text
+    response.token_ids.extend(delta.token_ids)
+    for lp in delta.logprobs:
+        response.logprobs.append(gemma_pb2.TokenLogprobs(
+            chosen=gemma_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob),
+            top=[gemma_pb2.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
+    if delta.finish_reason is not None:
+        response.finish_reason = _FINISH[delta.finish_reason]
+        response.usage.prompt_tokens = delta.prompt_tokens
+        response.usage.completion_tokens = delta.completion_tokens
+
+
+async def start_server(servicer: GemmaServicer, host: str = "127.0.0.1", port: int = 50051,
+                       server_credentials: grpc.ServerCredentials | None = None,
+                       interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
+    """Start the grpc.aio server (GemmaService + health + reflection); returns it and its bound port."""
+    server = grpc.aio.server(interceptors=list(interceptors), options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    gemma_pb2_grpc.add_GemmaServiceServicer_to_server(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, server_credentials) if server_credentials
+             else server.add_insecure_port(address))
+    if bound == 0:
+        raise OSError(f"cannot bind {address}")
+    await server.start()
+    status = (health_pb2.HealthCheckResponse.SERVING if any(r.is_ready() for r in servicer.replicas)
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)
+    server.health = health  # for callers that update health later (replica failures)
+    return server, bound

@@ -1,0 +1,42 @@
+"""`gemma-dist serve` as users run it: start, answer the CLI over loopback, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_generate_and_drain_on_sigterm():
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        for line in server.stdout:
+            if f"on 127.0.0.1:{port}" in line or time.time() > deadline:
+                break
+        cli = [sys.executable, "-m", "gemma_dist.cli", "generate", "--target", f"127.0.0.1:{port}",
+               "--temperature", "0", "--max-tokens", "8"]
+        unary = subprocess.run(cli + ["The three primary colors are"], capture_output=True, text=True, timeout=120)
+        streamed = subprocess.run(cli + ["--stream", "The three primary colors are"], capture_output=True,
+                                  text=True, timeout=120)
+        assert unary.returncode == 0 and streamed.returncode == 0, unary.stderr + streamed.stderr
+        assert unary.stdout == streamed.stdout and "red" in unary.stdout
+        bad = subprocess.run(cli + ["--top-p", "3", "x"], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in bad.stderr
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()

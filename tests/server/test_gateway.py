@@ -1,0 +1,160 @@
+"""The gRPC gateway over real loopback gRPC, with two in-process replicas of the real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gemma_dist.client import Client
+from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
+from gemma_dist.runtime.local import LocalReplica
+from gemma_dist.server.gateway import GemmaServicer, start_server
+from gemma_dist.server.validation import ServedModel
+from gemma_dist.v1 import gemma_pb2
+
+GOLDEN = {c["kind"]: c for c in json.loads(
+    (Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())["cases"]}
+
+
+class ServerThread:
+    """A grpc.aio gateway running on its own event loop in a background thread."""
+
+    def __init__(self, servicer: GemmaServicer):
+        self.loop = asyncio.new_event_loop()
+        self.servicer = servicer
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server, self.port = self.loop.run_until_complete(start_server(servicer, "127.0.0.1", 0))
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(60)
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=None), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served(default_llm):
+    config = EngineConfig(kv_cache_memory=256 << 20)
+    replicas = [LocalReplica(f"replica-{i}", LLMEngine(default_llm.model, default_llm.tokenizer, config))
+                for i in range(2)]
+    model = ServedModel("default", default_llm.config.vocab_size, default_llm.config.max_position_embeddings, 4096)
+    server = ServerThread(GemmaServicer(replicas, model, default_llm.tokenizer, default_llm.config.name))
+    yield server, replicas
+    server.stop()
+    for replica in replicas:
+        replica.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with Client(f"127.0.0.1:{served[0].port}", timeout=120) as c:
+        yield c
+
+
+def test_generate_matches_the_reference(client):
+    case = GOLDEN["prose"]
+    out = client.generate(case["prompt"], temperature=0, max_tokens=12, request_id="mine")
+    assert out.request_id == "mine"
+    assert list(out.token_ids) == case["output_token_ids"][:12]
+    assert out.finish_reason == gemma_pb2.FINISH_REASON_LENGTH
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(case["prompt_token_ids"]), 12)
+
+
+def test_stream_concatenates_to_the_unary_result(client):
+    case = GOLDEN["cjk"]
+    unary = client.generate(case["prompt"], temperature=0, max_tokens=20)
+    chunks = list(client.generate_stream(case["prompt"], temperature=0, max_tokens=20))
+    assert len(chunks) > 1 and chunks[0].finish_reason == gemma_pb2.FINISH_REASON_UNSPECIFIED
+    assert "".join(c.text for c in chunks) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert chunks[-1].finish_reason == unary.finish_reason and chunks[-1].usage == unary.usage
+    assert len({c.request_id for c in chunks}) == 1 and chunks[0].request_id
+
+
+def test_token_ids_and_chat_inputs(client, default_llm):
+    case = GOLDEN["code"]
+    by_ids = client.generate(case["prompt_token_ids"], temperature=0, max_tokens=6)
+    assert list(by_ids.token_ids) == case["output_token_ids"][:6]
+    chat = client.generate(chat=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=4)
+    expected = default_llm.chat([{"role": "user", "content": "Hi"}],
+                                __import__("gemma_dist").SamplingParams(temperature=0, max_tokens=4))[0]
+    assert list(chat.token_ids) == expected.token_ids
+
+
+def test_tokenize_and_model_info(client, default_llm):
+    assert client.tokenize("Hello world", add_bos=True) == default_llm.tokenizer.encode("Hello world")
+    info = client.model_info()
+    assert (info.name, info.variant, info.vocab_size, info.tp, info.replicas_ready) == \
+        ("default", "gemma-3-270m", 262144, 1, 2)
+
+
+@pytest.mark.parametrize("kwargs, code, field", [
+    (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (dict(), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+    (dict(prompt="x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (dict(prompt="x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (dict(prompt="x", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+    (dict(prompt="x", max_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+    (dict(prompt=[2, 999999]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids.ids[1]"),
+    (dict(chat=[{"role": "bot", "content": "x"}]), grpc.StatusCode.INVALID_ARGUMENT, "chat.messages[0].role"),
+    (dict(prompt="x", model="gemma-9000"), grpc.StatusCode.NOT_FOUND, "model"),
+    (dict(prompt="x", request_id="r" * 129), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+])
+def test_bad_requests_fail_with_the_field_named_and_the_server_keeps_serving(client, kwargs, code, field):
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate(**kwargs)
+    assert info.value.code() == code
+    assert info.value.details().startswith(field)
+    assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
+
+
+def test_requests_spread_over_both_replicas(served, client):
+    server, replicas = served
+    seen = set()
+    original = [r.generate for r in replicas]
+
+    def spy(replica, generate):
+        def wrapped(*args, **kwargs):
+            seen.add(replica.name)
+            return generate(*args, **kwargs)
+        return wrapped
+
+    for replica, generate in zip(replicas, original):
+        replica.generate = spy(replica, generate)
+    try:
+        streams = [client.generate_stream(GOLDEN["digits"]["prompt"], temperature=0, max_tokens=8) for _ in range(4)]
+        for stream in streams:
+            assert sum(len(c.token_ids) for c in stream) == 8
+    finally:
+        for replica, generate in zip(replicas, original):
+            replica.generate = generate
+    assert seen == {"replica-0", "replica-1"}
+
+
+def test_health_and_reflection(served):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{served[0].port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "gemma_dist.v1.GemmaService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=10)
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert {"gemma_dist.v1.GemmaService", "grpc.health.v1.Health"} <= names
