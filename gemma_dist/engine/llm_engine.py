@@ -108,20 +108,34 @@ class LLMEngine:
     """One process: scheduler + model runner + tokenizer. Not thread-safe (see AsyncLLMEngine)."""
 
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = config
-        self.model_config = model.config
+        """An engine over a model in this process (its own KV cache, sized by the config's budget)."""
         param = next(model.parameters())
         per_block = kv_bytes_per_token(model, param.dtype) * config.block_size
         num_blocks = kv_cache_bytes(config.kv_cache_memory, param.device) // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds no block of {per_block} bytes")
+        # Gemma 3 4b+ embeddings have more rows (262,208) than the tokenizer has pieces: never sample those.
+        runner = ModelRunner(model, num_blocks, config.block_size, Sampler(config.seed),
+                             vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size))
+        self._setup(model.config, tokenizer, config, runner, num_blocks)
+        self.model = model
+
+    @classmethod
+    def with_runner(cls, model_config, tokenizer, config: EngineConfig, runner, num_blocks: int) -> "LLMEngine":
+        """An engine whose steps run elsewhere: `runner.execute(steps) -> SampleResult` (e.g. on
+        tensor-parallel shard workers that own `num_blocks` KV blocks each)."""
+        engine = cls.__new__(cls)
+        engine._setup(model_config, tokenizer, config, runner, num_blocks)
+        engine.model = None
+        return engine
+
+    def _setup(self, model_config, tokenizer, config: EngineConfig, runner, num_blocks: int) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_config = model_config
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
-        # Gemma 3 4b+ embeddings have more rows (262,208) than the tokenizer has pieces: never sample those.
-        self.runner = ModelRunner(model, num_blocks, config.block_size, Sampler(config.seed),
-                                  vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size))
+        self.runner = runner
         self._requests: dict[str, _Request] = {}
 
     @classmethod
@@ -179,9 +193,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestDelta | None:
         """Stop a request now and free its blocks; returns its final (aborted) delta."""
-        request = self._requests.pop(request_id, None)
+        request = self._requests.get(request_id)
         if request is None:
             return None
+        self._forget(request_id)
         self.scheduler.abort(request_id)
         return RequestDelta(request_id, [], "", FinishReason.ABORTED, [], len(request.seq.prompt_token_ids),
                             len(request.seq.output_token_ids))
@@ -216,8 +231,14 @@ class LLMEngine:
                 deltas.append(RequestDelta(seq.request_id, [], "", FinishReason.ABORTED, [],
                                            len(seq.prompt_token_ids), len(seq.output_token_ids)))
         for seq in self.scheduler.release_finished():
-            self._requests.pop(seq.request_id, None)
+            self._forget(seq.request_id)
         return deltas
+
+    def _forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        release = getattr(self.runner, "release", None)  # remote runners keep per-request generators
+        if release is not None:
+            release(request_id)
 
     def _step_inputs(self, plan: SchedulerOutput) -> list[StepInput]:
         inputs = []
@@ -226,7 +247,7 @@ class LLMEngine:
             tokens = seq.all_token_ids[seq.num_cached: seq.num_cached + item.num_tokens]
             row = SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator) \
                 if item.samples else None
-            inputs.append(StepInput(tokens, seq.num_cached, seq.block_table, row))
+            inputs.append(StepInput(tokens, seq.num_cached, seq.block_table, row, seq.request_id))
         return inputs
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestDelta:

@@ -25,6 +25,7 @@ class StepInput:
     num_cached: int  # tokens of this sequence already in the cache (positions start here)
     block_table: list[int]  # cache blocks covering num_cached + len(token_ids) positions
     sampling: SamplingRow | None  # sample a next token after the last new token; None = don't
+    request_id: str | None = None  # whose tokens these are (remote runners keep per-request state)
 
 
 def kv_bytes_per_token(model: GemmaForCausalLM, dtype: torch.dtype) -> int:
@@ -50,15 +51,18 @@ class ModelRunner:
         self.sampler = sampler or Sampler()
 
     @torch.inference_mode()
-    def execute(self, steps: Sequence[StepInput]) -> SampleResult:
+    def execute(self, steps: Sequence[StepInput], sample: bool = True) -> SampleResult | None:
         """Run one forward over all steps; sample for the steps that ask. Result rows follow
-        the order of the sampling steps."""
+        the order of the sampling steps. With sample=False (tensor-parallel ranks other than
+        0) only take part in the step's collectives and return None."""
         hidden, meta = self._forward(steps)
         rows = [i for i, s in enumerate(steps) if s.sampling is not None]
         if not rows:
-            return SampleResult(token_ids=[], logprobs=[])
+            return SampleResult(token_ids=[], logprobs=[]) if sample else None
         last = meta.last_token_index[torch.tensor(rows, device=self.device)]
-        logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32
+        logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32, gathered over ranks
+        if not sample:
+            return None
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit:] = float("-inf")
         return self.sampler(logits, [steps[i].sampling for i in rows])

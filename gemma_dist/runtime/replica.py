@@ -1,0 +1,163 @@
+"""A Ray replica: `tp` ShardWorker actors plus one Coordinator actor in one placement group.
+
+The coordinator runs the engine's scheduler, tokenizer and detokenizer; each step it sends
+the small plan to every shard worker at once and gets token ids back from rank 0. The gateway
+holds a `RayReplica` handle and streams a request's deltas from the coordinator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import AsyncIterator
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from gemma_dist.engine.llm_engine import AsyncLLMEngine, EngineConfig, EngineStats, LLMEngine, RequestDelta
+from gemma_dist.engine.model_runner import StepInput
+from gemma_dist.runtime.worker import ShardWorker
+from gemma_dist.sampling import SampleResult, SamplingParams
+
+
+class RemoteRunner:
+    """Runs each step on all shard workers at once; rank 0's sampled tokens are the result.
+
+    Seeded requests' generators live on rank 0 (a generator must advance across steps), so
+    only the seed travels, and finished requests are released there on the next step.
+    """
+
+    def __init__(self, workers: list):
+        self.workers = workers
+        self._released: list[str] = []
+
+    def execute(self, steps: list[StepInput]) -> SampleResult:
+        """One step on every rank; blocks until they finish."""
+        seeds, wire = {}, []
+        for step in steps:
+            if step.sampling is not None and step.sampling.generator is not None:
+                seeds[step.request_id] = step.sampling.params.seed
+                step = dataclasses.replace(step, sampling=dataclasses.replace(step.sampling, generator=None))
+            wire.append(step)
+        released, self._released = self._released, []
+        return ray.get([w.execute.remote(wire, seeds, released) for w in self.workers])[0]
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator (at the next step)."""
+        self._released.append(request_id)
+
+
+class Coordinator:
+    """Per-replica engine (scheduler, tokenizer, detokenizer) driving the shard workers."""
+
+    def __init__(self, model: str, variant: str | None, workers: list, num_blocks: int, config: EngineConfig):
+        from gemma_dist.model.loading import open_checkpoint
+
+        checkpoint = open_checkpoint(model, variant)
+        tokenizer = checkpoint.load_tokenizer()
+        checkpoint.source.close()
+        engine = LLMEngine.with_runner(checkpoint.config, tokenizer, config, RemoteRunner(workers), num_blocks)
+        self.engine = AsyncLLMEngine(engine)
+
+    def ready(self) -> bool:
+        """True once constructed (the workers are loaded before)."""
+        return True
+
+    async def generate(self, request_id: str, params: SamplingParams, engine_input: dict):
+        """Stream a request's deltas (a Ray streaming generator)."""
+        async for delta in self.engine.generate(request_id, params=params, **engine_input):
+            yield delta
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks."""
+        self.engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        """Engine counters."""
+        return self.engine.stats()
+
+
+class RayReplica:
+    """Gateway-side handle of one replica: its placement group, shard workers and coordinator."""
+
+    _names = itertools.count()
+
+    def __init__(self, model: str, dtype: str, variant: str | None, tp: int, config: EngineConfig,
+                 cpus_per_actor: float = 0.01, threads_per_worker: int = 1, name: str | None = None):
+        self.name = name or f"replica-{next(self._names)}"
+        self.tp = tp
+        self._in_flight = 0
+        self._ready = False
+        bundles = [{"CPU": cpus_per_actor}] * (tp + 1)
+        self.placement = placement_group(bundles, strategy="PACK", name=f"gemma-{self.name}")
+        ray.get(self.placement.ready())
+        actor = ray.remote(ShardWorker)
+        self.workers = [actor.options(num_cpus=cpus_per_actor, scheduling_strategy=self._bundle(i)).remote(
+            rank, tp, model, dtype, variant, threads_per_worker) for i, rank in enumerate(range(tp))]
+        master, port = ray.get(self.workers[0].rendezvous.remote())
+        vocab_limit = _vocab_limit(model, variant)
+        kv_bytes = int(config.kv_cache_memory) if config.kv_cache_memory > 1 else 2 << 30
+        blocks = ray.get([w.start.remote(master, port, kv_bytes, config.block_size, config.seed, vocab_limit)
+                          for w in self.workers])
+        self.coordinator = ray.remote(Coordinator).options(
+            num_cpus=cpus_per_actor, scheduling_strategy=self._bundle(tp), max_concurrency=1000).remote(
+            model, variant, self.workers, min(blocks), config)
+        ray.get(self.coordinator.ready.remote())
+        self._ready = True
+
+    def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.placement, placement_group_bundle_index=index)
+
+    def is_ready(self) -> bool:
+        """True while the replica serves."""
+        return self._ready
+
+    def load(self) -> int:
+        """Requests in flight through this handle."""
+        return self._in_flight
+
+    async def generate(self, request_id: str, params: SamplingParams, **engine_input) -> AsyncIterator[RequestDelta]:
+        """Stream one request's deltas from the coordinator."""
+        self._in_flight += 1
+        finished = False
+        try:
+            stream = self.coordinator.generate.options(num_returns="streaming").remote(request_id, params, engine_input)
+            async for ref in stream:
+                delta = await ref
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            self._in_flight -= 1
+            if not finished:
+                self.coordinator.abort.remote(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request."""
+        self.coordinator.abort.remote(request_id)
+
+    def stats(self) -> EngineStats:
+        """The coordinator's engine counters."""
+        return ray.get(self.coordinator.stats.remote())
+
+    def num_parameters_per_rank(self) -> list[int]:
+        """Parameters held by each shard worker."""
+        return ray.get([w.num_parameters.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        """Kill the actors and free the placement group."""
+        self._ready = False
+        for actor in [self.coordinator, *self.workers]:
+            ray.kill(actor)
+        remove_placement_group(self.placement)
+
+
+def _vocab_limit(model: str, variant: str | None) -> int:
+    """Ids the tokenizer can decode (the embedding may have more rows)."""
+    from gemma_dist.model.loading import open_checkpoint
+
+    checkpoint = open_checkpoint(model, variant)
+    try:
+        return min(checkpoint.load_tokenizer().vocab_size, checkpoint.config.vocab_size)
+    finally:
+        checkpoint.source.close()

@@ -1,0 +1,84 @@
+"""ShardWorker: one tensor-parallel rank of a replica, as a Ray actor.
+
+It owns its shard of the weights (loaded slice by slice: it never materializes the full
+model) and its shard of the paged KV cache, and joins the replica's torch.distributed group
+(gloo on CPU, nccl on GPU) at a rendezvous port picked free by rank 0. Every step all ranks
+run the same plan; rank 0 samples and returns token ids (never logits).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from gemma_dist.engine.model_runner import ModelRunner, StepInput, kv_bytes_per_token
+from gemma_dist.model.layers import ParallelContext
+from gemma_dist.model.loading import load_model, open_checkpoint
+from gemma_dist.sampling import SampleResult, Sampler, make_generator
+
+
+class ShardWorker:
+    """Rank `rank` of a `world`-rank replica (wrap with ray.remote to make it an actor)."""
+
+    def __init__(self, rank: int, world: int, model: str, dtype: str, variant: str | None, num_threads: int):
+        self.rank, self.world = rank, world
+        self.model_path, self.dtype, self.variant = model, dtype, variant
+        torch.set_num_threads(max(1, num_threads))  # Ray sets OMP_NUM_THREADS=1 for fractional CPUs
+        self.runner: ModelRunner | None = None
+        self._generators: dict[str, torch.Generator] = {}  # seeded requests (rank 0)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, free port) for the group's TCP rendezvous; asked of rank 0 only."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def start(self, master: str, port: int, kv_cache_bytes: int, block_size: int, seed: int | None,
+              vocab_limit: int) -> int:
+        """Join the group, load this rank's shard, allocate its KV cache; returns the block count."""
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.rank, world_size=self.world)
+        checkpoint = open_checkpoint(self.model_path, self.variant)
+        try:
+            model = load_model(checkpoint, self.dtype, device, ParallelContext(self.rank, self.world, dist.group.WORLD))
+        finally:
+            checkpoint.source.close()
+        per_block = kv_bytes_per_token(model, next(model.parameters()).dtype) * block_size
+        num_blocks = kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv cache budget {kv_cache_bytes} holds no block of {per_block} bytes")
+        self.runner = ModelRunner(model, num_blocks, block_size, Sampler(seed), vocab_limit=vocab_limit)
+        return num_blocks
+
+    def execute(self, steps: list[StepInput], seeds: dict[str, int] | None = None,
+                released: Sequence[str] = ()) -> SampleResult | None:
+        """Run one step of the replica's plan; rank 0 returns the sampled tokens.
+
+        Seeded requests' generators live here on rank 0, since a generator must advance across
+        steps: `seeds` names the requests whose rows use one, `released` those that finished.
+        """
+        for request_id in released:
+            self._generators.pop(request_id, None)
+        if self.rank == 0:
+            for step in steps:
+                if seeds and step.request_id in seeds:
+                    if step.request_id not in self._generators:
+                        self._generators[step.request_id] = make_generator(seeds[step.request_id])
+                    step.sampling.generator = self._generators[step.request_id]
+        return self.runner.execute(steps, sample=self.rank == 0)
+
+    def num_parameters(self) -> int:
+        """Parameters this rank holds (its shard)."""
+        return sum(p.numel() for p in self.runner.model.parameters())
+
+    def stop(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
