@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory", type=float, default=2 * 2**30,
                        help="KV cache budget per replica: bytes (> 1) or a fraction of memory (<= 1)")
     serve.add_argument("--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask")
+    serve.add_argument("--threads-per-worker", type=int, default=0,
+                       help="torch threads per shard worker (0 = this host's cores / (tp x replicas))")
     serve.add_argument("--batch-invariant", action="store_true",
                        help="make outputs bitwise independent of batching (slower for lone requests)")
     gen = sub.add_parser("generate", help="generate a completion for one prompt")

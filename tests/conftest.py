@@ -11,3 +11,16 @@ def default_llm():
     from gemma_dist import LLM
 
     return LLM(model="default", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole session (starting one takes ~10-15 s here)."""
+    from pathlib import Path
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    yield
+    ray.shutdown()

@@ -8,6 +8,7 @@ run the same plan; rank 0 samples and returns token ids (never logits).
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Sequence
 
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gemma_dist.engine.model_runner import ModelRunner, StepInput, kv_bytes_per_token
-from gemma_dist.model.layers import ParallelContext
+from gemma_dist.model.layers import ParallelContext, set_batch_invariant
 from gemma_dist.model.loading import load_model, open_checkpoint
 from gemma_dist.sampling import SampleResult, Sampler, make_generator
 
@@ -27,6 +28,8 @@ class ShardWorker:
         self.rank, self.world = rank, world
         self.model_path, self.dtype, self.variant = model, dtype, variant
         torch.set_num_threads(max(1, num_threads))  # Ray sets OMP_NUM_THREADS=1 for fractional CPUs
+        if os.environ.get("GEMMA_DIST_BATCH_INVARIANT") == "1":
+            set_batch_invariant(True)
         self.runner: ModelRunner | None = None
         self._generators: dict[str, torch.Generator] = {}  # seeded requests (rank 0)
 

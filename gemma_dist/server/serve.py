@@ -1,7 +1,7 @@
-"""`gemma-dist serve`: load the model, start the replicas and the gRPC gateway, drain on SIGTERM.
+"""`gemma-dist serve`: start (or join) Ray, start the replicas and the gRPC gateway, drain on SIGTERM.
 
-Replicas run in this process for now (LocalReplica: one engine thread each, sharing the
-model's weights); Ray-backed tensor-parallel replicas (--tp, --address) are being built.
+Each replica is `--tp` ShardWorker actors plus a Coordinator actor in one placement group
+(gemma_dist.runtime.replica); the gateway runs in this process.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -20,35 +21,39 @@ DRAIN_SECONDS = 30.0  # SIGTERM: finish in-flight requests for up to this long
 def serve(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.tp != 1 or args.address:
-        print("gemma-dist serve: Ray-backed replicas (--tp > 1, --address) are not available yet; "
-              "this build serves in-process replicas (--tp 1, no --address)", file=sys.stderr)
-        return 2
-    if args.replicas < 1:
-        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas < 1 or args.tp < 1:
+        raise ValueError(f"--replicas and --tp must be >= 1, got {args.replicas} and {args.tp}")
     return asyncio.run(_serve(args))
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
-    from gemma_dist.model.layers import set_batch_invariant
-    from gemma_dist.runtime.local import LocalReplica
+    import ray
+
+    from gemma_dist.engine.llm_engine import EngineConfig
+    from gemma_dist.model.loading import open_checkpoint
+    from gemma_dist.runtime.replica import RayReplica
     from gemma_dist.server.gateway import GemmaServicer, start_server
     from gemma_dist.server.validation import ServedModel
 
     started = time.perf_counter()
-    set_batch_invariant(args.batch_invariant)
-    first = LLMEngine.from_model(args.model, args.dtype, args.variant,
-                                 config=EngineConfig(kv_cache_memory=args.kv_cache_memory))
-    engines = [first] + [LLMEngine(first.model, first.tokenizer, first.config) for _ in range(args.replicas - 1)]
-    replicas = [LocalReplica(f"replica-{i}", e) for i, e in enumerate(engines)]
-    config = first.model_config
+    checkpoint = open_checkpoint(args.model, args.variant)  # converts the default model once, here
+    config, tokenizer = checkpoint.config, checkpoint.load_tokenizer()
+    checkpoint.source.close()
+    ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"GEMMA_DIST_BATCH_INVARIANT": "1" if args.batch_invariant else "0"}})
+    engine_config = EngineConfig(kv_cache_memory=args.kv_cache_memory)
+    # Each shard worker uses its share of this host's cores (Ray would pin it to one thread).
+    threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // (args.tp * args.replicas))
+    loop = asyncio.get_running_loop()
+    replicas = await asyncio.gather(*(loop.run_in_executor(
+        None, lambda i=i: RayReplica(args.model, args.dtype, args.variant, args.tp, engine_config,
+                                     threads_per_worker=threads, name=f"replica-{i}")) for i in range(args.replicas)))
     served = ServedModel(args.model if args.model == "default" else config.name, config.vocab_size,
                          config.max_position_embeddings, args.max_tokens_limit)
-    servicer = GemmaServicer(replicas, served, first.tokenizer, config.name, tp=1)
+    servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp)
     server, port = await start_server(servicer, args.host, args.port)
-    log.info("serving %s (%s) on %s:%d with %d replica(s), ready in %.1fs", served.name, config.name, args.host,
-             port, len(replicas), time.perf_counter() - started)
+    log.info("serving %s (%s) on %s:%d: %d replica(s) x tp=%d, ready in %.1fs", served.name, config.name,
+             args.host, port, len(replicas), args.tp, time.perf_counter() - started)
     print(f"gemma-dist: serving {served.name} ({config.name}) on {args.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -59,4 +64,5 @@ async def _serve(args: argparse.Namespace) -> int:
     await server.stop(grace=DRAIN_SECONDS)
     for replica in replicas:
         replica.shutdown()
+    ray.shutdown()
     return 0

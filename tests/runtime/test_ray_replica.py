@@ -18,14 +18,6 @@ GOLDEN = {c["kind"]: c for c in json.loads(
     (Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())["cases"]}
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def tp2_replica(ray_cluster):
     replica = RayReplica("default", "float32", None, tp=2, config=EngineConfig(kv_cache_memory=128 << 20))
