@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -83,3 +84,28 @@ def test_requests_spread_across_both_replicas(two_replica_server):
         for replica, original in zip(replicas, originals):
             replica.generate = original
     assert seen == {"ray-0", "ray-1"}
+
+
+def test_a_request_joining_mid_generation_gets_its_first_token_before_the_others_finish(two_replica_server):
+    server, _ = two_replica_server
+    target = f"127.0.0.1:{server.port}"
+    streaming = threading.Barrier(3)  # both long streams have their first token, and the test goes on
+
+    def long_stream():
+        with Client(target, timeout=300) as client:
+            stream = client.generate_stream(GOLDEN["prose"]["prompt"], temperature=0, max_tokens=60, ignore_eos=True)
+            next(stream)
+            streaming.wait(timeout=300)
+            for _ in stream:
+                pass
+            return time.perf_counter()
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        longs = [pool.submit(long_stream) for _ in range(2)]
+        streaming.wait(timeout=300)
+        with Client(target, timeout=300) as client:
+            first_chunk = next(client.generate_stream("Hi", temperature=0, max_tokens=2))
+            first_token_at = time.perf_counter()
+        finished_at = min(f.result() for f in longs)
+    assert first_chunk.token_ids
+    assert first_token_at < finished_at
