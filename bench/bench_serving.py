@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Served throughput and latency over gRPC, against transformers and the in-process engine, same run.
+
+Starts `gemma-dist serve` (Ray replicas) as users do, fires N concurrent streaming gRPC clients,
+each with P random prompt tokens and O output tokens (greedy, ignore_eos), and reports output
+tok/s, time to first token (TTFT) and time per output token (TPOT) p50/p99. Baselines on the
+same prompts: transformers' batched generate and gemma_dist's in-process engine (LLM.generate).
+Also: tp=2 against tp=1, and the cold start from launching `gemma-dist serve` to the first token.
+
+    .venv/bin/python bench/bench_serving.py [--clients 32] [--prompt-len 128] [--output-len 128] [--tp 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_engine import prompts, transformers_throughput  # noqa: E402
+from gemma_dist import LLM, SamplingParams  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def start_server(tp: int) -> tuple[subprocess.Popen, str, float]:
+    """Launch `gemma-dist serve`; returns the process, its target, and seconds to the first token."""
+    port = free_port()
+    launched = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--tp", str(tp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    target = f"127.0.0.1:{port}"
+    from gemma_dist.client import Client
+
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gemma-dist serve exited with {proc.returncode}")
+        try:
+            with Client(target, timeout=5) as client:
+                next(iter(client.generate_stream("Hello", temperature=0, max_tokens=1)))
+            return proc, target, time.perf_counter() - launched
+        except Exception:
+            time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_clients(target: str, work: list[list[int]], output_len: int) -> dict[str, float]:
+    """All prompts at once, one streaming client each; throughput and latency percentiles."""
+    from gemma_dist.client import Client
+
+    def one(prompt):
+        with Client(target, timeout=3600) as client:
+            start = time.perf_counter()
+            first, count = None, 0
+            for chunk in client.generate_stream(prompt, temperature=0, max_tokens=output_len, ignore_eos=True):
+                if chunk.token_ids and first is None:
+                    first = time.perf_counter()
+                count += len(chunk.token_ids)
+            end = time.perf_counter()
+            return start, first, end, count
+
+    begin = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
+        results = list(pool.map(one, work))
+    wall = time.perf_counter() - begin
+    assert all(r[3] == output_len for r in results)
+    ttft = [r[1] - r[0] for r in results]
+    tpot = [(r[2] - r[1]) / max(1, r[3] - 1) for r in results]
+    return {"tok_s": sum(r[3] for r in results) / wall, "ttft50": percentile(ttft, 50), "ttft99": percentile(ttft, 99),
+            "tpot50": percentile(tpot, 50), "tpot99": percentile(tpot, 99)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--tp", default="1,2", help="tensor-parallel sizes to serve")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+
+    llm = LLM(model="default", dtype="float32")
+    work = prompts(args.clients, args.prompt_len, llm.config.vocab_size)
+    llm.generate(work[:2], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    start = time.perf_counter()
+    llm.generate(work, SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
+    engine = len(work) * args.output_len / (time.perf_counter() - start)
+    del llm
+    print(f"  in-process engine: {engine:.1f} tok/s", file=sys.stderr)
+    theirs = None if args.skip_transformers else transformers_throughput(work, args.output_len)
+    if theirs:
+        print(f"  transformers: {theirs:.1f} tok/s", file=sys.stderr)
+    served = {}
+    for tp in (int(t) for t in args.tp.split(",")):
+        proc, target, cold = start_server(tp)
+        try:
+            served[tp] = {**run_clients(target, work, args.output_len), "cold": cold}
+        finally:
+            stop_server(proc)
+        print(f"  served tp={tp}: {served[tp]}", file=sys.stderr)
+
+    label = f"{args.clients} concurrent x ({args.prompt_len} prompt + {args.output_len} output)"
+    print(f"\nGemma 3 270M, fp32, {os.cpu_count()} CPUs, torch {torch.__version__}; {label}, greedy\n")
+    print(f"| {'system':<34} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
+          f"{'TPOT p99':>8} | {'cold start':>10} |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 12}|")
+    for tp, r in served.items():
+        print(f"| {'gemma_dist served, gRPC, tp=' + str(tp):<34} | {r['tok_s']:>9.1f} | {r['ttft50']:>7.2f}s | "
+              f"{r['ttft99']:>7.2f}s | {r['tpot50'] * 1e3:>6.0f}ms | {r['tpot99'] * 1e3:>6.0f}ms | {r['cold']:>9.1f}s |")
+    print(f"| {'gemma_dist in-process engine':<34} | {engine:>9.1f} | {'':>8} | {'':>8} | {'':>8} | {'':>8} | {'':>10} |")
+    if theirs:
+        print(f"| {'transformers batched generate':<34} | {theirs:>9.1f} | {'':>8} | {'':>8} | {'':>8} | {'':>8} | "
+              f"{'':>10} |")
+    if 1 in served:
+        print(f"\nserved tp=1 / in-process engine: {served[1]['tok_s'] / engine:.2f}"
+              + (f"; served tp=1 / transformers: {served[1]['tok_s'] / theirs:.2f}x" if theirs else ""))
+    if 1 in served and 2 in served:
+        print(f"served tp=2 / tp=1: {served[2]['tok_s'] / served[1]['tok_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
