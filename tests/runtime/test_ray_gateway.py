@@ -16,9 +16,7 @@ from gemma_dist import SamplingParams  # noqa: E402
 from gemma_dist.client import Client  # noqa: E402
 from gemma_dist.engine.llm_engine import EngineConfig  # noqa: E402
 from gemma_dist.runtime.replica import RayReplica  # noqa: E402
-from gemma_dist.server.gateway import GemmaServicer  # noqa: E402
-from gemma_dist.server.validation import ServedModel  # noqa: E402
-from tests.server.test_gateway import ServerThread  # noqa: E402
+from tests.server.harness import running_gateway  # noqa: E402
 
 GOLDEN = {c["kind"]: c for c in json.loads(
     (Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())["cases"]}
@@ -28,12 +26,8 @@ GOLDEN = {c["kind"]: c for c in json.loads(
 def two_replica_server(ray_cluster, default_llm):
     config = EngineConfig(kv_cache_memory=128 << 20)
     replicas = [RayReplica("default", "float32", None, tp=1, config=config, name=f"ray-{i}") for i in range(2)]
-    model = ServedModel("default", default_llm.config.vocab_size, default_llm.config.max_position_embeddings, 4096)
-    server = ServerThread(GemmaServicer(replicas, model, default_llm.tokenizer, default_llm.config.name))
-    yield server, replicas
-    server.stop()
-    for replica in replicas:
-        replica.shutdown()
+    with running_gateway(replicas, default_llm) as server:
+        yield server, replicas
 
 
 def test_sixteen_concurrent_streams_each_equal_alone(two_replica_server, default_llm):

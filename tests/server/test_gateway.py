@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from pathlib import Path
 
 import grpc
@@ -13,36 +11,11 @@ import pytest
 from gemma_dist.client import Client
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.runtime.local import LocalReplica
-from gemma_dist.server.gateway import GemmaServicer, start_server
-from gemma_dist.server.validation import ServedModel
 from gemma_dist.v1 import gemma_pb2
+from tests.server.harness import running_gateway
 
 GOLDEN = {c["kind"]: c for c in json.loads(
     (Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())["cases"]}
-
-
-class ServerThread:
-    """A grpc.aio gateway running on its own event loop in a background thread."""
-
-    def __init__(self, servicer: GemmaServicer):
-        self.loop = asyncio.new_event_loop()
-        self.servicer = servicer
-        started = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.server, self.port = self.loop.run_until_complete(start_server(servicer, "127.0.0.1", 0))
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(60)
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace=None), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +23,8 @@ def served(default_llm):
     config = EngineConfig(kv_cache_memory=256 << 20)
     replicas = [LocalReplica(f"replica-{i}", LLMEngine(default_llm.model, default_llm.tokenizer, config))
                 for i in range(2)]
-    model = ServedModel("default", default_llm.config.vocab_size, default_llm.config.max_position_embeddings, 4096)
-    server = ServerThread(GemmaServicer(replicas, model, default_llm.tokenizer, default_llm.config.name))
-    yield server, replicas
-    server.stop()
-    for replica in replicas:
-        replica.shutdown()
+    with running_gateway(replicas, default_llm) as server:
+        yield server, replicas
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,47 @@
+"""A gRPC gateway on its own event loop in a background thread, for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+from gemma_dist.server.gateway import GemmaServicer, start_server
+from gemma_dist.server.validation import ServedModel
+
+
+class ServerThread:
+    """A grpc.aio gateway running on its own event loop in a background thread."""
+
+    def __init__(self, servicer: GemmaServicer):
+        self.loop = asyncio.new_event_loop()
+        self.servicer = servicer
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server, self.port = self.loop.run_until_complete(start_server(servicer, "127.0.0.1", 0))
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(60)
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=None), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@contextlib.contextmanager
+def running_gateway(replicas, llm, max_tokens_limit: int = 4096):
+    """Serve `replicas` (shut down afterwards) as the default model described by the offline `llm`."""
+    model = ServedModel("default", llm.config.vocab_size, llm.config.max_position_embeddings, max_tokens_limit)
+    server = ServerThread(GemmaServicer(replicas, model, llm.tokenizer, llm.config.name))
+    try:
+        yield server
+    finally:
+        server.stop()
+        for replica in replicas:
+            replica.shutdown()
