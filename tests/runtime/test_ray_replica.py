@@ -50,3 +50,14 @@ def test_seeded_sampling_is_reproducible_across_the_ray_boundary(tp2_replica):
     assert tokens(first) == tokens(second) and len(tokens(first)) == 10
     stats = tp2_replica.stats()
     assert (stats.running, stats.waiting, stats.free_blocks) == (0, 0, stats.total_blocks)
+
+
+def test_engine_errors_cross_the_ray_boundary_as_value_errors(tp2_replica):
+    async def bad():
+        async for _ in tp2_replica.generate("bad", SamplingParams(max_tokens=2), prompt=""):
+            pass
+
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        asyncio.run(bad())
+    stats = tp2_replica.stats()
+    assert (stats.running, stats.waiting) == (0, 0)
