@@ -64,9 +64,11 @@ def make_request(prompt=None, chat=None, request_id: str = "", model: str = "", 
                                         sampling=gemma_pb2.SamplingParams(**{k: v for k, v in sampling.items()
                                                                               if v is not None}))
     if chat is not None:
+        request.chat.SetInParent()  # an empty chat is still "chat" (and rejected as empty)
         request.chat.messages.extend(gemma_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
     elif isinstance(prompt, str):
         request.prompt = prompt
     elif prompt is not None:
+        request.prompt_token_ids.SetInParent()
         request.prompt_token_ids.ids.extend(int(t) for t in prompt)
     return request

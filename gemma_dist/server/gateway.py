@@ -4,6 +4,7 @@ reflection on a grpc.aio server."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import uuid
@@ -128,6 +129,59 @@ def _merge(response: gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:
         response.usage.completion_tokens = delta.completion_tokens
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8 in a string field)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(message_type):
+    """A deserializer that never raises: unparsable bytes become MalformedRequest, so the RPC can
+    answer INVALID_ARGUMENT instead of grpc's generic INTERNAL."""
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # google.protobuf.message.DecodeError, and friends
+            return MalformedRequest(e)
+    return parse
+
+
+def _rejecting_malformed(method):
+    """Wrap an RPC so a MalformedRequest is answered with INVALID_ARGUMENT."""
+    async def unary(request, context):
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: cannot parse ({request.error}); "
+                                                                 "string fields must be valid UTF-8")
+        return await method(request, context)
+
+    async def streaming(request, context):
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: cannot parse ({request.error}); "
+                                                                 "string fields must be valid UTF-8")
+        async for item in method(request, context):
+            yield item
+    return streaming if inspect.isasyncgenfunction(method) else unary
+
+
+def _service_handler(servicer: GemmaServicer) -> grpc.GenericRpcHandler:
+    """GemmaService's method handlers, with lenient request parsing."""
+    def unary(name, request_type, response_type):
+        return grpc.unary_unary_rpc_method_handler(_rejecting_malformed(getattr(servicer, name)),
+                                                   request_deserializer=_lenient(request_type),
+                                                   response_serializer=response_type.SerializeToString)
+
+    handlers = {
+        "Generate": unary("Generate", gemma_pb2.GenerateRequest, gemma_pb2.GenerateResponse),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            _rejecting_malformed(servicer.GenerateStream), request_deserializer=_lenient(gemma_pb2.GenerateRequest),
+            response_serializer=gemma_pb2.GenerateResponse.SerializeToString),
+        "Tokenize": unary("Tokenize", gemma_pb2.TokenizeRequest, gemma_pb2.TokenizeResponse),
+        "GetModelInfo": unary("GetModelInfo", gemma_pb2.GetModelInfoRequest, gemma_pb2.ModelInfo),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 async def start_server(servicer: GemmaServicer, host: str = "127.0.0.1", port: int = 50051,
                        server_credentials: grpc.ServerCredentials | None = None,
                        interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
@@ -135,7 +189,7 @@ async def start_server(servicer: GemmaServicer, host: str = "127.0.0.1", port: i
     server = grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    gemma_pb2_grpc.add_GemmaServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_service_handler(servicer),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

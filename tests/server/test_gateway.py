@@ -70,18 +70,40 @@ def test_tokenize_and_model_info(client, default_llm):
         ("default", "gemma-3-270m", 262144, 1, 2)
 
 
-@pytest.mark.parametrize("kwargs, code, field", [
+BAD_REQUESTS = [  # (request kwargs, expected status, the field the message must start with)
     (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     (dict(), grpc.StatusCode.INVALID_ARGUMENT, "input"),
-    (dict(prompt="x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
-    (dict(prompt="x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (dict(prompt=[]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids.ids"),
+    (dict(chat=[]), grpc.StatusCode.INVALID_ARGUMENT, "chat.messages"),
+    (dict(prompt=[2, 999999]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids.ids[1]"),
+    (dict(prompt=[2, -5]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids.ids[1]"),
+    (dict(chat=[{"role": "bot", "content": "x"}]), grpc.StatusCode.INVALID_ARGUMENT, "chat.messages[0].role"),
+    (dict(prompt=[2] * 32000, max_tokens=1000), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
     (dict(prompt="x", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
     (dict(prompt="x", max_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
-    (dict(prompt=[2, 999999]), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids.ids[1]"),
-    (dict(chat=[{"role": "bot", "content": "x"}]), grpc.StatusCode.INVALID_ARGUMENT, "chat.messages[0].role"),
-    (dict(prompt="x", model="gemma-9000"), grpc.StatusCode.NOT_FOUND, "model"),
+    (dict(prompt="x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (dict(prompt="x", temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (dict(prompt="x", temperature=float("inf")), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (dict(prompt="x", top_p=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (dict(prompt="x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (dict(prompt="x", top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k"),
+    (dict(prompt="x", min_p=-0.1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.min_p"),
+    (dict(prompt="x", min_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.min_p"),
+    (dict(prompt="x", repetition_penalty=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.repetition_penalty"),
+    (dict(prompt="x", presence_penalty=2.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.presence_penalty"),
+    (dict(prompt="x", frequency_penalty=-3), grpc.StatusCode.INVALID_ARGUMENT, "sampling.frequency_penalty"),
+    (dict(prompt="x", stop=["s"] * 17), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
+    (dict(prompt="x", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
+    (dict(prompt="x", stop=["s" * 257]), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop"),
+    (dict(prompt="x", logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "sampling.logprobs"),
+    (dict(prompt="x", logprobs=-1), grpc.StatusCode.INVALID_ARGUMENT, "sampling.logprobs"),
+    (dict(prompt="x", stop_token_ids=[10**7]), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop_token_ids[0]"),
     (dict(prompt="x", request_id="r" * 129), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
-])
+    (dict(prompt="x", model="gemma-9000"), grpc.StatusCode.NOT_FOUND, "model"),
+]
+
+
+@pytest.mark.parametrize("kwargs, code, field", BAD_REQUESTS, ids=[f"{i}-{c[2]}" for i, c in enumerate(BAD_REQUESTS)])
 def test_bad_requests_fail_with_the_field_named_and_the_server_keeps_serving(client, kwargs, code, field):
     with pytest.raises(grpc.RpcError) as info:
         client.generate(**kwargs)
@@ -127,3 +149,13 @@ def test_health_and_reflection(served):
                                               timeout=10)
         names = {s.name for r in responses for s in r.list_services_response.service}
         assert {"gemma_dist.v1.GemmaService", "grpc.health.v1.Health"} <= names
+
+
+def test_invalid_utf8_from_a_raw_client_is_rejected_and_the_server_keeps_serving(served, client):
+    raw = b"\x1a\x04ab\xff\xfe"  # field 3 (prompt), 4 bytes, not UTF-8
+    with grpc.insecure_channel(f"127.0.0.1:{served[0].port}") as channel:
+        call = channel.unary_unary("/gemma_dist.v1.GemmaService/Generate")
+        with pytest.raises(grpc.RpcError) as info:
+            call(raw, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in info.value.details()
+    assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
