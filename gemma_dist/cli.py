@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory", type=float, default=2 * 2**30,
                        help="KV cache budget per replica: bytes (> 1) or a fraction of memory (<= 1)")
     serve.add_argument("--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    serve.add_argument("--auth-token-file", default=None,
+                       help="file holding a bearer token that every call must send (health stays open)")
     serve.add_argument("--threads-per-worker", type=int, default=0,
                        help="torch threads per shard worker (0 = this host's cores / (tp x replicas))")
     serve.add_argument("--batch-invariant", action="store_true",
@@ -36,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the model in this process (no server)")
     gen.add_argument("--target", default="127.0.0.1:50051", help="server address (without --local)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive (with a server)")
+    gen.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect over TLS")
+    gen.add_argument("--auth-token-file", default=None, help="file holding the server's bearer token")
     gen.add_argument("--model", default="default",
                      help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
     gen.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
@@ -82,7 +88,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
     chat = [{"role": "user", "content": args.prompt}] if args.chat else None
     prompt = None if args.chat else args.prompt
     try:
-        with Client(args.target) as client:
+        credentials = grpc.ssl_channel_credentials(open(args.tls_ca, "rb").read()) if args.tls_ca else None
+        token = open(args.auth_token_file).read().strip() if args.auth_token_file else None
+        with Client(args.target, credentials=credentials, token=token) as client:
             if args.stream:
                 for piece in client.generate_stream(prompt, chat=chat, **sampling):
                     print(piece.text, end="", flush=True)

@@ -23,6 +23,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.replicas < 1 or args.tp < 1:
         raise ValueError(f"--replicas and --tp must be >= 1, got {args.replicas} and {args.tp}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
     return asyncio.run(_serve(args))
 
 
@@ -35,6 +37,12 @@ async def _serve(args: argparse.Namespace) -> int:
     from gemma_dist.server.gateway import GemmaServicer, start_server
     from gemma_dist.server.validation import ServedModel
 
+    from gemma_dist.server.security import BearerTokenInterceptor, read_secret, server_credentials
+
+    # Secrets first: a bad file fails in a second, not after the replicas have loaded.
+    credentials = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
+    interceptors = ([BearerTokenInterceptor(read_secret(args.auth_token_file, "--auth-token-file").decode().strip())]
+                    if args.auth_token_file else [])
     started = time.perf_counter()
     checkpoint = open_checkpoint(args.model, args.variant)  # converts the default model once, here
     config, tokenizer = checkpoint.config, checkpoint.load_tokenizer()
@@ -51,7 +59,7 @@ async def _serve(args: argparse.Namespace) -> int:
     served = ServedModel(args.model if args.model == "default" else config.name, config.vocab_size,
                          config.max_position_embeddings, args.max_tokens_limit)
     servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp)
-    server, port = await start_server(servicer, args.host, args.port)
+    server, port = await start_server(servicer, args.host, args.port, credentials, interceptors)
     log.info("serving %s (%s) on %s:%d: %d replica(s) x tp=%d, ready in %.1fs", served.name, config.name,
              args.host, port, len(replicas), args.tp, time.perf_counter() - started)
     print(f"gemma-dist: serving {served.name} ({config.name}) on {args.host}:{port}", flush=True)

@@ -13,14 +13,14 @@ from gemma_dist.server.validation import ServedModel
 class ServerThread:
     """A grpc.aio gateway running on its own event loop in a background thread."""
 
-    def __init__(self, servicer: GemmaServicer):
+    def __init__(self, servicer: GemmaServicer, credentials=None, interceptors=()):
         self.loop = asyncio.new_event_loop()
         self.servicer = servicer
         started = threading.Event()
 
         def run():
             asyncio.set_event_loop(self.loop)
-            self.server, self.port = self.loop.run_until_complete(start_server(servicer, "127.0.0.1", 0))
+            self.server, self.port = self.loop.run_until_complete(start_server(servicer, "127.0.0.1", 0, credentials, interceptors))
             started.set()
             self.loop.run_forever()
 
@@ -35,10 +35,10 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def running_gateway(replicas, llm, max_tokens_limit: int = 4096):
+def running_gateway(replicas, llm, max_tokens_limit: int = 4096, credentials=None, interceptors=()):
     """Serve `replicas` (shut down afterwards) as the default model described by the offline `llm`."""
     model = ServedModel("default", llm.config.vocab_size, llm.config.max_position_embeddings, max_tokens_limit)
-    server = ServerThread(GemmaServicer(replicas, model, llm.tokenizer, llm.config.name))
+    server = ServerThread(GemmaServicer(replicas, model, llm.tokenizer, llm.config.name), credentials, interceptors)
     try:
         yield server
     finally:
