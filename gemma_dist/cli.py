@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory", type=float, default=2 * 2**30,
                        help="KV cache budget per replica: bytes (> 1) or a fraction of memory (<= 1)")
     serve.add_argument("--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-queued-requests", type=int, default=None,
+                       help="requests waiting for their first token, over all replicas; more fail at once "
+                            "with RESOURCE_EXHAUSTED (default: unbounded)")
+    serve.add_argument("--queue-timeout", type=float, default=None,
+                       help="seconds a request may wait for its first token before failing with UNAVAILABLE")
     serve.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
     serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--auth-token-file", default=None,

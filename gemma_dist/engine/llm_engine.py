@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import AsyncIterator, Mapping, Sequence as Seq
 
 import torch
@@ -74,6 +75,7 @@ class RequestDelta:
     logprobs: list[TokenLogprob]  # for the new tokens, when requested
     prompt_tokens: int
     completion_tokens: int  # generated so far
+    queue_seconds: float | None = None  # on a request's first delta: arrival → first scheduled
 
 
 @dataclasses.dataclass
@@ -96,9 +98,12 @@ class EngineStats:
 class _Request:
     """Engine-side state of one request beyond its Sequence: detokenizer and emitted text."""
 
-    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer):
+    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer, deadline: float | None):
         self.seq = seq
         self.detokenizer = detokenizer
+        self.deadline = deadline  # wall-clock time.time() after which the request is dropped
+        self.arrival = time.monotonic()
+        self.queue_seconds: float | None = None  # arrival → first scheduled, once known
         self.emitted_text = 0  # chars of seq.text already handed out
         self.emitted_tokens = 0
         self.hold_back = max((len(s) for s in seq.params.stop), default=1) - 1
@@ -155,8 +160,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt: str | Seq[int] | None = None,
-                    params: SamplingParams | None = None, *, chat: Seq[Mapping[str, str]] | None = None) -> None:
-        """Queue a request: a text prompt (BOS added), a list of token ids, or a chat."""
+                    params: SamplingParams | None = None, *, chat: Seq[Mapping[str, str]] | None = None,
+                    deadline: float | None = None) -> None:
+        """Queue a request: a text prompt (BOS added), a list of token ids, or a chat. A request
+        still unfinished at `deadline` (time.time()) is aborted; if still waiting, never prefilled."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -167,7 +174,7 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = make_generator(params.seed)
         self.scheduler.add(seq)
-        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
+        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer), deadline)
 
     def _prompt_ids(self, prompt, chat) -> tuple[str | None, list[int]]:
         if (prompt is None) == (chat is None):
@@ -215,9 +222,15 @@ class LLMEngine:
 
     def step(self) -> list[RequestDelta]:
         """Run one step: schedule → execute → postprocess. Returns the deltas of this step."""
+        expired = self._abort_expired()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            return []
+            return expired
+        now = time.monotonic()
+        for item in plan.scheduled:
+            request = self._requests[item.seq.request_id]
+            if request.queue_seconds is None:
+                request.queue_seconds = now - request.arrival
         result = self.runner.execute(self._step_inputs(plan))
         self.scheduler.on_step_done(plan)
         sampled = [item.seq for item in plan.scheduled if item.samples]
@@ -232,7 +245,13 @@ class LLMEngine:
                                            len(seq.prompt_token_ids), len(seq.output_token_ids)))
         for seq in self.scheduler.release_finished():
             self._forget(seq.request_id)
-        return deltas
+        return expired + deltas
+
+    def _abort_expired(self) -> list[RequestDelta]:
+        """Abort requests past their deadline (waiting ones are never prefilled)."""
+        now = time.time()
+        late = [rid for rid, r in self._requests.items() if r.deadline is not None and r.deadline <= now]
+        return [self.abort(rid) for rid in late]
 
     def _forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -270,9 +289,11 @@ class LLMEngine:
         request.emitted_text = safe
         new_tokens = seq.output_token_ids[request.emitted_tokens:]
         new_logprobs = seq.logprobs[request.emitted_tokens:] if seq.params.logprobs else []
+        first = request.emitted_tokens == 0
         request.emitted_tokens = len(seq.output_token_ids)
         return RequestDelta(seq.request_id, new_tokens, text, reason, new_logprobs,
-                            len(seq.prompt_token_ids), len(seq.output_token_ids))
+                            len(seq.prompt_token_ids), len(seq.output_token_ids),
+                            request.queue_seconds if first else None)
 
 
 class EngineStoppedError(RuntimeError):
@@ -316,8 +337,8 @@ class AsyncLLMEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt: str | Seq[int] | None = None,
-                       params: SamplingParams | None = None, *,
-                       chat: Seq[Mapping[str, str]] | None = None) -> AsyncIterator[RequestDelta]:
+                       params: SamplingParams | None = None, *, chat: Seq[Mapping[str, str]] | None = None,
+                       deadline: float | None = None) -> AsyncIterator[RequestDelta]:
         """Add a request and yield its deltas as the engine produces them.
 
         Bad input (an empty prompt, an id in use, ...) raises ValueError on the first iteration.
@@ -325,7 +346,7 @@ class AsyncLLMEngine:
         if self._stopped or self._failure is not None:
             raise EngineStoppedError("the engine is shut down") from self._failure
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._send(("add", request_id, stream, dict(prompt=prompt, params=params, chat=chat)))
+        self._send(("add", request_id, stream, dict(prompt=prompt, params=params, chat=chat, deadline=deadline)))
         finished = False
         try:
             while True:

@@ -4,9 +4,11 @@ reflection on a grpc.aio server."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import logging
+import time
 import uuid
 from typing import AsyncIterator, Protocol, Sequence
 
@@ -43,8 +45,12 @@ class Replica(Protocol):
 class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
     """gemma_dist.v1.GemmaService over a set of replicas."""
 
-    def __init__(self, replicas: Sequence[Replica], served: ServedModel, tokenizer, variant: str, tp: int = 1):
+    def __init__(self, replicas: Sequence[Replica], served: ServedModel, tokenizer, variant: str, tp: int = 1,
+                 max_queued_requests: int | None = None, queue_timeout: float | None = None):
         self.replicas = list(replicas)
+        self.max_queued_requests = max_queued_requests  # admitted but no first token yet; None = unbounded
+        self.queue_timeout = queue_timeout  # seconds a request may wait for its first token
+        self.queued = 0
         self.served = served
         self.tokenizer = tokenizer
         self.variant = variant
@@ -99,15 +105,32 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
             await context.abort(code, str(e))
         except ValueError as e:  # e.g. the chat template's own checks
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.max_queued_requests is not None and self.queued >= self.max_queued_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"queue full: {self.queued} requests are waiting (--max-queued-requests)")
         replica = self._pick()
         if replica is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
+        remaining = context.time_remaining()
+        deadline = time.time() + remaining if remaining is not None else None  # travels to the engine
         log.info("request %s → replica %s", checked.request_id, replica.name)
+        stream = replica.generate(checked.request_id, checked.params, deadline=deadline, **checked.engine_input())
         try:
-            async for delta in replica.generate(checked.request_id, checked.params, **checked.engine_input()):
+            self.queued += 1
+            try:
+                first = await asyncio.wait_for(anext(stream), timeout=self.queue_timeout)
+            except asyncio.TimeoutError:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"request waited over {self.queue_timeout:g}s for a replica (--queue-timeout)")
+            finally:
+                self.queued -= 1
+            yield first, checked
+            async for delta in stream:
                 yield delta, checked
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            await stream.aclose()  # a cancelled or expired call aborts the request in its replica
 
     def _pick(self) -> Replica | None:
         """The least-loaded ready replica (ties: the first)."""

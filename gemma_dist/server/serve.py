@@ -58,7 +58,8 @@ async def _serve(args: argparse.Namespace) -> int:
                                      threads_per_worker=threads, name=f"replica-{i}")) for i in range(args.replicas)))
     served = ServedModel(args.model if args.model == "default" else config.name, config.vocab_size,
                          config.max_position_embeddings, args.max_tokens_limit)
-    servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp)
+    servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp,
+                             max_queued_requests=args.max_queued_requests, queue_timeout=args.queue_timeout)
     server, port = await start_server(servicer, args.host, args.port, credentials, interceptors)
     log.info("serving %s (%s) on %s:%d: %d replica(s) x tp=%d, ready in %.1fs", served.name, config.name,
              args.host, port, len(replicas), args.tp, time.perf_counter() - started)

@@ -35,10 +35,11 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def running_gateway(replicas, llm, max_tokens_limit: int = 4096, credentials=None, interceptors=()):
+def running_gateway(replicas, llm, max_tokens_limit: int = 4096, credentials=None, interceptors=(), **limits):
     """Serve `replicas` (shut down afterwards) as the default model described by the offline `llm`."""
     model = ServedModel("default", llm.config.vocab_size, llm.config.max_position_embeddings, max_tokens_limit)
-    server = ServerThread(GemmaServicer(replicas, model, llm.tokenizer, llm.config.name), credentials, interceptors)
+    server = ServerThread(GemmaServicer(replicas, model, llm.tokenizer, llm.config.name, **limits), credentials,
+                          interceptors)
     try:
         yield server
     finally:
