@@ -88,7 +88,7 @@ def test_cancelled_streams_and_expired_deadlines_free_everything(default_llm):
 
 
 def test_expired_request_is_never_prefilled(default_llm):
-    engine = LLMEngine(default_llm.model, default_llm.tokenizer, EngineConfig(kv_cache_memory=64 << 20))
+    engine = LLMEngine(default_llm.model, default_llm.tokenizer, EngineConfig(kv_cache_memory=256 << 20))
     engine.add_request("late", LONG, deadline=time.time() - 1)
     deltas = engine.step()
     assert [d.finish_reason.value for d in deltas] == ["aborted"] and deltas[0].completion_tokens == 0
