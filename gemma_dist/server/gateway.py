@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from gemma_dist.engine.llm_engine import RequestDelta
 from gemma_dist.engine.sequence import FinishReason
 from gemma_dist.sampling import SamplingParams
+from gemma_dist.server.metrics import GatewayMetrics
 from gemma_dist.server.validation import CheckedRequest, ServedModel, ValidationError, check_generate, check_length
 from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
 
@@ -46,8 +47,10 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
     """gemma_dist.v1.GemmaService over a set of replicas."""
 
     def __init__(self, replicas: Sequence[Replica], served: ServedModel, tokenizer, variant: str, tp: int = 1,
-                 max_queued_requests: int | None = None, queue_timeout: float | None = None):
+                 max_queued_requests: int | None = None, queue_timeout: float | None = None,
+                 metrics: GatewayMetrics | None = None):
         self.replicas = list(replicas)
+        self.metrics = metrics or GatewayMetrics()
         self.max_queued_requests = max_queued_requests  # admitted but no first token yet; None = unbounded
         self.queue_timeout = queue_timeout  # seconds a request may wait for its first token
         self.queued = 0
@@ -62,17 +65,54 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
     async def Generate(self, request, context):
         """The whole completion."""
         out = gemma_pb2.GenerateResponse()
-        async for delta, checked in self._deltas(request, context):
+        async for delta, checked in self._measured(self._deltas(request, context), "Generate", context):
             out.request_id = checked.request_id
             _merge(out, delta)
         return out
 
     async def GenerateStream(self, request, context):
         """One response per delta; the last carries finish_reason and usage."""
-        async for delta, checked in self._deltas(request, context):
+        async for delta, checked in self._measured(self._deltas(request, context), "GenerateStream", context):
             response = gemma_pb2.GenerateResponse(request_id=checked.request_id)
             _merge(response, delta)
             yield response
+
+    async def _measured(self, deltas, method: str, context):
+        """Pass deltas through, recording latencies, tokens and the call's final status."""
+        m, start, first_at, tokens, code = self.metrics, time.perf_counter(), None, 0, "OK"
+        try:
+            async for delta, checked in deltas:
+                now = time.perf_counter()
+                if first_at is None and delta.token_ids:
+                    first_at = now
+                    m.time_to_first_token.observe(now - start)
+                if delta.queue_seconds is not None:
+                    m.queue_time.observe(delta.queue_seconds)
+                tokens += len(delta.token_ids)
+                yield delta, checked
+            end = time.perf_counter()
+            m.request_latency.observe(end - start)
+            if first_at is not None and tokens > 1:
+                m.time_per_output_token.observe((end - first_at) / (tokens - 1))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            status = context.code()
+            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            m.generated_tokens.inc(tokens)
+            m.requests.labels(method, code).inc()
+
+    async def refresh_metrics(self) -> None:
+        """Update the per-replica gauges (stats may block on Ray, so off the event loop)."""
+        loop = asyncio.get_running_loop()
+        ready = [r for r in self.replicas if r.is_ready()]
+        self.metrics.replicas_ready.set(len(ready))
+        for replica in ready:
+            stats = await loop.run_in_executor(None, replica.stats)
+            self.metrics.record_replica(replica.name, stats)
 
     async def Tokenize(self, request, context):
         """Text → token ids."""
@@ -228,4 +268,15 @@ async def start_server(servicer: GemmaServicer, host: str = "127.0.0.1", port: i
     for name in ("", SERVICE_NAME):
         await health.set(name, status)
     server.health = health  # for callers that update health later (replica failures)
+    server.metrics_task = asyncio.get_running_loop().create_task(_refresh_forever(servicer))
     return server, bound
+
+
+async def _refresh_forever(servicer: GemmaServicer, every: float = 1.0) -> None:
+    """Keep the gauges fresh while the server runs."""
+    while True:
+        try:
+            await servicer.refresh_metrics()
+        except Exception:  # a replica going away must not stop the metrics
+            log.exception("refreshing metrics failed")
+        await asyncio.sleep(every)

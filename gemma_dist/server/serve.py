@@ -61,6 +61,8 @@ async def _serve(args: argparse.Namespace) -> int:
     servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp,
                              max_queued_requests=args.max_queued_requests, queue_timeout=args.queue_timeout)
     server, port = await start_server(servicer, args.host, args.port, credentials, interceptors)
+    metrics_port = servicer.metrics.serve(args.host, args.metrics_port)
+    log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     log.info("serving %s (%s) on %s:%d: %d replica(s) x tp=%d, ready in %.1fs", served.name, config.name,
              args.host, port, len(replicas), args.tp, time.perf_counter() - started)
     print(f"gemma-dist: serving {served.name} ({config.name}) on {args.host}:{port}", flush=True)
@@ -71,6 +73,7 @@ async def _serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("draining: no new requests; finishing in-flight ones for up to %.0fs", DRAIN_SECONDS)
     await server.stop(grace=DRAIN_SECONDS)
+    server.metrics_task.cancel()
     for replica in replicas:
         replica.shutdown()
     ray.shutdown()

@@ -1,0 +1,46 @@
+"""Prometheus metrics of the gateway, served over HTTP at /metrics (`--metrics-port`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+_PER_TOKEN = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class GatewayMetrics:
+    """Request outcomes and latencies, per-replica load, in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gemma_requests", "Generate calls by final gRPC status code", ["method", "code"],
+                                registry=r)
+        self.time_to_first_token = Histogram("gemma_time_to_first_token_seconds", "Call start to first token",
+                                             buckets=_LATENCY, registry=r)
+        self.time_per_output_token = Histogram("gemma_time_per_output_token_seconds",
+                                               "Mean time between tokens after the first, per request",
+                                               buckets=_PER_TOKEN, registry=r)
+        self.request_latency = Histogram("gemma_request_latency_seconds", "Call start to last token (end to end)",
+                                         buckets=_LATENCY, registry=r)
+        self.queue_time = Histogram("gemma_queue_time_seconds", "Arrival in the engine to first scheduled",
+                                    buckets=_LATENCY, registry=r)
+        self.generated_tokens = Counter("gemma_generated_tokens", "Tokens generated", registry=r)
+        self.waiting = Gauge("gemma_requests_waiting", "Requests waiting in a replica's scheduler", ["replica"],
+                             registry=r)
+        self.running = Gauge("gemma_requests_running", "Requests running in a replica", ["replica"], registry=r)
+        self.kv_blocks_used = Gauge("gemma_kv_blocks_used", "KV-cache blocks in use", ["replica"], registry=r)
+        self.kv_blocks_total = Gauge("gemma_kv_blocks_total", "KV-cache blocks", ["replica"], registry=r)
+        self.replicas_ready = Gauge("gemma_replicas_ready", "Replicas ready to serve", registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server in a thread; returns its port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+    def record_replica(self, name: str, stats) -> None:
+        """Set one replica's gauges from its EngineStats."""
+        self.waiting.labels(name).set(stats.waiting)
+        self.running.labels(name).set(stats.running)
+        self.kv_blocks_used.labels(name).set(stats.total_blocks - stats.free_blocks)
+        self.kv_blocks_total.labels(name).set(stats.total_blocks)

@@ -1,0 +1,48 @@
+"""Prometheus metrics on the gateway agree with the requests sent (real gRPC and HTTP on loopback)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gemma_dist.client import Client
+from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
+from gemma_dist.runtime.local import LocalReplica
+from tests.server.harness import running_gateway
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_match_the_requests_sent(default_llm):
+    rep = LocalReplica("r0", LLMEngine(default_llm.model, default_llm.tokenizer, EngineConfig(kv_cache_memory=64 << 20)))
+    with running_gateway([rep], default_llm) as server:
+        port = server.servicer.metrics.serve("127.0.0.1", 0)
+        with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+            client.generate("Hello", temperature=0, max_tokens=3)
+            client.generate("World", temperature=0, max_tokens=4)
+            assert sum(len(c.token_ids) for c in client.generate_stream("Hi", temperature=0, max_tokens=5)) == 5
+            for bad in ({"prompt": ""}, {"prompt": "x", "top_p": 9.0}):
+                with pytest.raises(grpc.RpcError):
+                    client.generate(**bad)
+        time.sleep(1.5)  # one gauge refresh
+        m = scrape(port)
+    assert m[("gemma_requests_total", (("code", "OK"), ("method", "Generate")))] == 2
+    assert m[("gemma_requests_total", (("code", "OK"), ("method", "GenerateStream")))] == 1
+    assert m[("gemma_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Generate")))] == 2
+    assert m[("gemma_generated_tokens_total", ())] == 12
+    for name in ("gemma_time_to_first_token_seconds", "gemma_request_latency_seconds", "gemma_queue_time_seconds",
+                 "gemma_time_per_output_token_seconds"):
+        assert m[(f"{name}_count", ())] == 3, name
+    assert m[("gemma_replicas_ready", ())] == 1
+    assert m[("gemma_requests_running", (("replica", "r0"),))] == 0
+    assert m[("gemma_requests_waiting", (("replica", "r0"),))] == 0
+    assert m[("gemma_kv_blocks_used", (("replica", "r0"),))] == 0
+    assert m[("gemma_kv_blocks_total", (("replica", "r0"),))] == rep.stats().total_blocks
