@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from gemma_dist.engine.llm_engine import AsyncLLMEngine, EngineStats, LLMEngine, RequestDelta
+from gemma_dist.engine.llm_engine import AsyncLLMEngine, EngineStats, EngineStoppedError, LLMEngine, RequestDelta
+from gemma_dist.runtime import ReplicaFailure
 from gemma_dist.sampling import SamplingParams
 
 
@@ -34,6 +35,8 @@ class LocalReplica:
         try:
             async for delta in self.engine.generate(request_id, params=params, **engine_input):
                 yield delta
+        except EngineStoppedError as e:
+            raise ReplicaFailure(f"{self.name}: {e}") from e
         finally:
             self._in_flight -= 1
 

@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gemma_dist.engine.llm_engine import AsyncLLMEngine, EngineConfig, EngineStats, LLMEngine, RequestDelta
 from gemma_dist.engine.model_runner import StepInput
+from gemma_dist.runtime import ReplicaFailure
 from gemma_dist.runtime.worker import ShardWorker
 from gemma_dist.sampling import SampleResult, SamplingParams
 
@@ -28,8 +29,9 @@ class RemoteRunner:
     only the seed travels, and finished requests are released there on the next step.
     """
 
-    def __init__(self, workers: list):
+    def __init__(self, workers: list, step_timeout: float = 120.0):
         self.workers = workers
+        self.step_timeout = step_timeout  # watchdog: a step (a collective) hung longer fails the replica
         self._released: list[str] = []
 
     def execute(self, steps: list[StepInput]) -> SampleResult:
@@ -41,7 +43,11 @@ class RemoteRunner:
                 step = dataclasses.replace(step, sampling=dataclasses.replace(step.sampling, generator=None))
             wire.append(step)
         released, self._released = self._released, []
-        return ray.get([w.execute.remote(wire, seeds, released) for w in self.workers])[0]
+        refs = [w.execute.remote(wire, seeds, released) for w in self.workers]
+        try:
+            return ray.get(refs, timeout=self.step_timeout)[0]
+        except ray.exceptions.GetTimeoutError as e:
+            raise RuntimeError(f"step exceeded the {self.step_timeout:g}s watchdog (a hung collective?)") from e
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's generator (at the next step)."""
@@ -51,13 +57,15 @@ class RemoteRunner:
 class Coordinator:
     """Per-replica engine (scheduler, tokenizer, detokenizer) driving the shard workers."""
 
-    def __init__(self, model: str, variant: str | None, workers: list, num_blocks: int, config: EngineConfig):
+    def __init__(self, model: str, variant: str | None, workers: list, num_blocks: int, config: EngineConfig,
+                 step_timeout: float = 120.0):
         from gemma_dist.model.loading import open_checkpoint
 
         checkpoint = open_checkpoint(model, variant)
         tokenizer = checkpoint.load_tokenizer()
         checkpoint.source.close()
-        engine = LLMEngine.with_runner(checkpoint.config, tokenizer, config, RemoteRunner(workers), num_blocks)
+        engine = LLMEngine.with_runner(checkpoint.config, tokenizer, config, RemoteRunner(workers, step_timeout),
+                                       num_blocks)
         self.engine = AsyncLLMEngine(engine)
 
     def ready(self) -> bool:
@@ -84,34 +92,53 @@ class RayReplica:
     _names = itertools.count()
 
     def __init__(self, model: str, dtype: str, variant: str | None, tp: int, config: EngineConfig,
-                 cpus_per_actor: float = 0.01, threads_per_worker: int = 1, name: str | None = None):
+                 cpus_per_actor: float = 0.01, threads_per_worker: int = 1, name: str | None = None,
+                 step_timeout: float = 120.0):
         self.name = name or f"replica-{next(self._names)}"
         self.tp = tp
+        self._spec = (model, dtype, variant, config, cpus_per_actor, threads_per_worker, step_timeout)
         self._in_flight = 0
         self._ready = False
-        bundles = [{"CPU": cpus_per_actor}] * (tp + 1)
-        self.placement = placement_group(bundles, strategy="PACK", name=f"gemma-{self.name}")
+        self.draining = False  # no new requests (being removed)
+        self.rebuilds = 0
+        self._build()
+
+    def _build(self) -> None:
+        """Create the placement group, the shard workers (loaded) and the coordinator."""
+        model, dtype, variant, config, cpus, threads, step_timeout = self._spec
+        self.placement = placement_group([{"CPU": cpus}] * (self.tp + 1), strategy="PACK")
         ray.get(self.placement.ready())
-        actor = ray.remote(ShardWorker)
-        self.workers = [actor.options(num_cpus=cpus_per_actor, scheduling_strategy=self._bundle(i)).remote(
-            rank, tp, model, dtype, variant, threads_per_worker) for i, rank in enumerate(range(tp))]
+        actor = ray.remote(max_restarts=0)(ShardWorker)
+        self.workers = [actor.options(num_cpus=cpus, scheduling_strategy=self._bundle(rank)).remote(
+            rank, self.tp, model, dtype, variant, threads) for rank in range(self.tp)]
         master, port = ray.get(self.workers[0].rendezvous.remote())
         vocab_limit = _vocab_limit(model, variant)
         kv_bytes = int(config.kv_cache_memory) if config.kv_cache_memory > 1 else 2 << 30
         blocks = ray.get([w.start.remote(master, port, kv_bytes, config.block_size, config.seed, vocab_limit)
                           for w in self.workers])
         self.coordinator = ray.remote(Coordinator).options(
-            num_cpus=cpus_per_actor, scheduling_strategy=self._bundle(tp), max_concurrency=1000).remote(
-            model, variant, self.workers, min(blocks), config)
+            num_cpus=cpus, scheduling_strategy=self._bundle(self.tp), max_concurrency=1000).remote(
+            model, variant, self.workers, min(blocks), config, step_timeout)
         ray.get(self.coordinator.ready.remote())
         self._ready = True
+
+    def mark_failed(self) -> bool:
+        """Take the replica out of rotation; True if it was serving (the caller then rebuilds it)."""
+        was_ready, self._ready = self._ready, False
+        return was_ready
+
+    def rebuild(self) -> None:
+        """Tear the broken replica down and start it again (blocking: run it off the event loop)."""
+        self._teardown()
+        self._build()
+        self.rebuilds += 1
 
     def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self.placement, placement_group_bundle_index=index)
 
     def is_ready(self) -> bool:
-        """True while the replica serves."""
-        return self._ready
+        """True while the replica takes new requests."""
+        return self._ready and not self.draining
 
     def load(self) -> int:
         """Requests in flight through this handle."""
@@ -121,16 +148,21 @@ class RayReplica:
         """Stream one request's deltas from the coordinator."""
         self._in_flight += 1
         finished = False
+        coordinator = self.coordinator
         try:
-            stream = self.coordinator.generate.options(num_returns="streaming").remote(request_id, params, engine_input)
+            stream = coordinator.generate.options(num_returns="streaming").remote(request_id, params, engine_input)
             async for ref in stream:
                 delta = await ref
                 finished = delta.finish_reason is not None
                 yield delta
+        except ray.exceptions.RayError as e:
+            if isinstance(e, ValueError):  # the engine's own bad-input error, re-raised by Ray
+                raise
+            raise ReplicaFailure(f"{self.name}: {type(e).__name__}") from e
         finally:
             self._in_flight -= 1
             if not finished:
-                self.coordinator.abort.remote(request_id)
+                coordinator.abort.remote(request_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a request."""
@@ -147,9 +179,18 @@ class RayReplica:
     def shutdown(self) -> None:
         """Kill the actors and free the placement group."""
         self._ready = False
-        for actor in [self.coordinator, *self.workers]:
-            ray.kill(actor)
-        remove_placement_group(self.placement)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        for actor in [getattr(self, "coordinator", None), *getattr(self, "workers", [])]:
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception:  # already dead
+                    pass
+        if getattr(self, "placement", None) is not None:
+            remove_placement_group(self.placement)
+            self.placement = None
 
 
 def _vocab_limit(model: str, variant: str | None) -> int:

@@ -8,6 +8,7 @@ run the same plan; rank 0 samples and returns token ids (never logits).
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from typing import Sequence
@@ -19,6 +20,9 @@ from gemma_dist.engine.model_runner import ModelRunner, StepInput, kv_bytes_per_
 from gemma_dist.model.layers import ParallelContext, set_batch_invariant
 from gemma_dist.model.loading import load_model, open_checkpoint
 from gemma_dist.sampling import SampleResult, Sampler, make_generator
+
+
+COLLECTIVE_TIMEOUT_S = 300  # a rank stuck in a collective (its peer died) gives up after this
 
 
 class ShardWorker:
@@ -47,7 +51,8 @@ class ShardWorker:
         """Join the group, load this rank's shard, allocate its KV cache; returns the block count."""
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
-        dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.rank, world_size=self.world)
+        dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.rank, world_size=self.world,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         checkpoint = open_checkpoint(self.model_path, self.variant)
         try:
             model = load_model(checkpoint, self.dtype, device, ParallelContext(self.rank, self.world, dist.group.WORLD))

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gemma_dist.engine.llm_engine import RequestDelta
 from gemma_dist.engine.sequence import FinishReason
+from gemma_dist.runtime import ReplicaFailure
 from gemma_dist.sampling import SamplingParams
 from gemma_dist.server.metrics import GatewayMetrics
 from gemma_dist.server.validation import CheckedRequest, ServedModel, ValidationError, check_generate, check_length
@@ -54,6 +55,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         self.max_queued_requests = max_queued_requests  # admitted but no first token yet; None = unbounded
         self.queue_timeout = queue_timeout  # seconds a request may wait for its first token
         self.queued = 0
+        self._rebuilds: set = set()  # background rebuilds of failed replicas
         self.served = served
         self.tokenizer = tokenizer
         self.variant = variant
@@ -148,12 +150,28 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         if self.max_queued_requests is not None and self.queued >= self.max_queued_requests:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"queue full: {self.queued} requests are waiting (--max-queued-requests)")
-        replica = self._pick()
-        if replica is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
         remaining = context.time_remaining()
         deadline = time.time() + remaining if remaining is not None else None  # travels to the engine
-        log.info("request %s → replica %s", checked.request_id, replica.name)
+        tried: set[str] = set()
+        while True:  # a request that has streamed nothing yet is retried once on another replica
+            replica = self._pick(exclude=tried)
+            if replica is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
+            tried.add(replica.name)
+            log.info("request %s → replica %s", checked.request_id, replica.name)
+            streamed = False
+            try:
+                async for delta in self._stream(replica, checked, deadline, context):
+                    streamed = streamed or bool(delta.token_ids or delta.text)
+                    yield delta, checked
+                return
+            except ReplicaFailure as failure:
+                self._on_replica_failure(replica, failure)
+                if streamed or len(tried) > 1:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed mid-request ({failure})")
+
+    async def _stream(self, replica, checked: CheckedRequest, deadline: float | None, context):
+        """One replica's deltas for the request, with the queue timeout on the first one."""
         stream = replica.generate(checked.request_id, checked.params, deadline=deadline, **checked.engine_input())
         try:
             self.queued += 1
@@ -164,17 +182,30 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
                                     f"request waited over {self.queue_timeout:g}s for a replica (--queue-timeout)")
             finally:
                 self.queued -= 1
-            yield first, checked
+            yield first
             async for delta in stream:
-                yield delta, checked
+                yield delta
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             await stream.aclose()  # a cancelled or expired call aborts the request in its replica
 
-    def _pick(self) -> Replica | None:
+    def _on_replica_failure(self, replica, failure: Exception) -> None:
+        """Take a failed replica out of rotation and rebuild it in the background."""
+        log.error("replica %s failed: %s", replica.name, failure)
+        mark_failed = getattr(replica, "mark_failed", None)
+        if mark_failed is None or not mark_failed():
+            return  # not rebuildable, or someone else already handles it
+        loop = asyncio.get_running_loop()
+        task = loop.run_in_executor(None, replica.rebuild)
+        task.add_done_callback(lambda f: log.info("replica %s rebuilt", replica.name) if not f.exception()
+                               else log.error("rebuilding %s failed: %s", replica.name, f.exception()))
+        self._rebuilds.add(task)
+        task.add_done_callback(self._rebuilds.discard)
+
+    def _pick(self, exclude: set[str] = frozenset()) -> Replica | None:
         """The least-loaded ready replica (ties: the first)."""
-        ready = [r for r in self.replicas if r.is_ready()]
+        ready = [r for r in self.replicas if r.is_ready() and r.name not in exclude]
         return min(ready, key=lambda r: r.load()) if ready else None
 
 
@@ -268,14 +299,19 @@ async def start_server(servicer: GemmaServicer, host: str = "127.0.0.1", port: i
     for name in ("", SERVICE_NAME):
         await health.set(name, status)
     server.health = health  # for callers that update health later (replica failures)
-    server.metrics_task = asyncio.get_running_loop().create_task(_refresh_forever(servicer))
+    server.metrics_task = asyncio.get_running_loop().create_task(_refresh_forever(servicer, health))
     return server, bound
 
 
-async def _refresh_forever(servicer: GemmaServicer, every: float = 1.0) -> None:
-    """Keep the gauges fresh while the server runs."""
+async def _refresh_forever(servicer: GemmaServicer, health: HealthServicer, every: float = 1.0) -> None:
+    """Keep the gauges and the health status fresh while the server runs (NOT_SERVING only while
+    no replica is ready)."""
     while True:
         try:
+            serving = any(r.is_ready() for r in servicer.replicas)
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await health.set(name, status)
             await servicer.refresh_metrics()
         except Exception:  # a replica going away must not stop the metrics
             log.exception("refreshing metrics failed")

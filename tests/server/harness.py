@@ -29,6 +29,7 @@ class ServerThread:
         assert started.wait(60)
 
     def stop(self):
+        self.loop.call_soon_threadsafe(self.server.metrics_task.cancel)
         asyncio.run_coroutine_threadsafe(self.server.stop(grace=None), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
