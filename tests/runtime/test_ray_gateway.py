@@ -103,3 +103,43 @@ def test_a_request_joining_mid_generation_gets_its_first_token_before_the_others
         finished_at = min(f.result() for f in longs)
     assert first_chunk.token_ids
     assert first_token_at < finished_at
+
+
+def test_killing_a_shard_worker_mid_stream(ray_cluster, default_llm):
+    """Affected requests end UNAVAILABLE or succeed through the retry; none hangs; the replica comes
+    back and serves; requests to the other replica are unaffected."""
+    import grpc
+
+    config = EngineConfig(kv_cache_memory=128 << 20)
+    replicas = [RayReplica("default", "float32", None, tp=1, config=config, name=f"f-{i}") for i in range(2)]
+    with running_gateway(replicas, default_llm) as server:
+        target = f"127.0.0.1:{server.port}"
+        streaming = threading.Barrier(5)
+
+        def stream(i):
+            with Client(target, timeout=300) as client:
+                call = client.generate_stream(f"Story {i}:", temperature=0, max_tokens=40, ignore_eos=True)
+                tokens = 0
+                try:
+                    for chunk in call:
+                        tokens += len(chunk.token_ids)
+                        if tokens == len(chunk.token_ids):
+                            streaming.wait(timeout=300)
+                    return "ok" if tokens == 40 else f"short {tokens}"
+                except grpc.RpcError as e:
+                    return e.code().name
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(stream, i) for i in range(4)]
+            streaming.wait(timeout=300)  # every stream has its first token
+            ray.kill(replicas[0].workers[0])
+            outcomes = [f.result(timeout=300) for f in futures]
+        assert set(outcomes) <= {"ok", "UNAVAILABLE"} and "ok" in outcomes, outcomes
+        deadline = time.time() + 300
+        while not replicas[0].is_ready() and time.time() < deadline:
+            time.sleep(1)
+        assert replicas[0].is_ready() and replicas[0].rebuilds == 1
+        replicas[1].draining = True  # route the next request to the rebuilt replica
+        with Client(target, timeout=300) as client:
+            assert client.generate("Hello", temperature=0, max_tokens=3).usage.completion_tokens == 3
+        replicas[1].draining = False
