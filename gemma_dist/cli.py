@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads per shard worker (0 = this host's cores / (tp x replicas))")
     serve.add_argument("--batch-invariant", action="store_true",
                        help="make outputs bitwise independent of batching (slower for lone requests)")
+    scale = sub.add_parser("scale", help="add or remove replicas of a running server")
+    scale.add_argument("--replicas", type=int, required=True, help="replicas wanted (>= 1)")
+    scale.add_argument("--target", default="127.0.0.1:50051", help="server address")
+    scale.add_argument("--auth-token-file", default=None, help="file holding the server's bearer token")
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--local", action="store_true",
@@ -108,6 +112,21 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    import grpc
+
+    from gemma_dist.client import Client
+
+    token = open(args.auth_token_file).read().strip() if args.auth_token_file else None
+    try:
+        with Client(args.target, token=token) as client:
+            print(f"replicas: {client.scale(args.replicas)}")
+    except grpc.RpcError as e:
+        print(f"gemma-dist: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gemma-dist` console script."""
     args = build_parser().parse_args(argv)
@@ -118,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.command == "generate":
             return _generate_local(args) if args.local else _generate_remote(args)
+        if args.command == "scale":
+            return _scale(args)
     except ValueError as e:  # bad sampling values, bad model path: one clear line
         print(f"gemma-dist: error: {e}", file=sys.stderr)
         return 2

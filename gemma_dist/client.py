@@ -20,6 +20,7 @@ class Client:
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
         self.channel = (grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target))
         self.stub = gemma_pb2_grpc.GemmaServiceStub(self.channel)
+        self.admin = gemma_pb2_grpc.AdminServiceStub(self.channel)
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -43,6 +44,11 @@ class Client:
     def model_info(self) -> gemma_pb2.ModelInfo:
         """What the server serves."""
         return self.stub.GetModelInfo(gemma_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    def scale(self, replicas: int) -> int:
+        """Ask the server to run `replicas` replicas; returns how many it runs once done."""
+        return self.admin.Scale(gemma_pb2.ScaleRequest(replicas=replicas), timeout=self.timeout,
+                                metadata=self.metadata).replicas
 
     def close(self) -> None:
         """Close the channel."""

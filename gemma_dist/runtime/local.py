@@ -20,10 +20,11 @@ class LocalReplica:
         self.name = name
         self.engine = AsyncLLMEngine(engine)
         self._in_flight = 0
+        self.draining = False  # no new requests (being removed)
 
     def is_ready(self) -> bool:
         """True while the engine accepts requests."""
-        return not self.engine._stopped and self.engine._failure is None
+        return not self.draining and not self.engine._stopped and self.engine._failure is None
 
     def load(self) -> int:
         """Requests in flight here (the router picks the smallest)."""

@@ -10,7 +10,7 @@ import itertools
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Protocol, Sequence
+from typing import AsyncIterator, Callable, Protocol, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -223,6 +223,39 @@ def _merge(response: gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:
         response.usage.completion_tokens = delta.completion_tokens
 
 
+class AdminServicer(gemma_pb2_grpc.AdminServiceServicer):
+    """Live scaling: adds replicas from a factory, drains and removes surplus ones."""
+
+    def __init__(self, servicer: GemmaServicer, make_replica: Callable[[str], Replica] | None):
+        self.servicer = servicer
+        self.make_replica = make_replica  # name → a started replica (blocking; run off the loop)
+        self._lock = asyncio.Lock()
+        self._names = itertools.count(len(servicer.replicas))
+
+    async def Scale(self, request, context):
+        """Grow or shrink to request.replicas; returns once the change is done."""
+        if request.replicas < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replicas: must be >= 1, got {request.replicas}")
+        if self.make_replica is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server cannot start replicas")
+        async with self._lock:
+            replicas = self.servicer.replicas
+            loop = asyncio.get_running_loop()
+            while len(replicas) < request.replicas:
+                name = f"replica-{next(self._names)}"
+                log.info("scaling up: starting %s", name)
+                replicas.append(await loop.run_in_executor(None, self.make_replica, name))
+            while len(replicas) > request.replicas:
+                victim = min(replicas, key=lambda r: r.load())
+                victim.draining = True  # no new requests; the in-flight ones finish
+                log.info("scaling down: draining %s", victim.name)
+                while victim.load() > 0:
+                    await asyncio.sleep(0.05)
+                replicas.remove(victim)
+                await loop.run_in_executor(None, victim.shutdown)
+            return gemma_pb2.ScaleResponse(replicas=len(replicas))
+
+
 class MalformedRequest:
     """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8 in a string field)."""
 
@@ -278,16 +311,19 @@ def _service_handler(servicer: GemmaServicer) -> grpc.GenericRpcHandler:
 
 async def start_server(servicer: GemmaServicer, host: str = "127.0.0.1", port: int = 50051,
                        server_credentials: grpc.ServerCredentials | None = None,
-                       interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
-    """Start the grpc.aio server (GemmaService + health + reflection); returns it and its bound port."""
+                       interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                       make_replica: Callable[[str], Replica] | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the grpc.aio server (GemmaService, AdminService, health, reflection); returns it and its port."""
     server = grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     server.add_generic_rpc_handlers((_service_handler(servicer),))
+    gemma_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(servicer, make_replica), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, gemma_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     address = f"{host}:{port}"
     bound = (server.add_secure_port(address, server_credentials) if server_credentials
              else server.add_insecure_port(address))

@@ -60,7 +60,11 @@ async def _serve(args: argparse.Namespace) -> int:
                          config.max_position_embeddings, args.max_tokens_limit)
     servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp,
                              max_queued_requests=args.max_queued_requests, queue_timeout=args.queue_timeout)
-    server, port = await start_server(servicer, args.host, args.port, credentials, interceptors)
+    def make_replica(name: str) -> RayReplica:
+        return RayReplica(args.model, args.dtype, args.variant, args.tp, engine_config,
+                          threads_per_worker=threads, name=name)
+
+    server, port = await start_server(servicer, args.host, args.port, credentials, interceptors, make_replica)
     metrics_port = servicer.metrics.serve(args.host, args.metrics_port)
     log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     log.info("serving %s (%s) on %s:%d: %d replica(s) x tp=%d, ready in %.1fs", served.name, config.name,

@@ -143,3 +143,39 @@ def test_killing_a_shard_worker_mid_stream(ray_cluster, default_llm):
         with Client(target, timeout=300) as client:
             assert client.generate("Hello", temperature=0, max_tokens=3).usage.completion_tokens == 3
         replicas[1].draining = False
+
+
+def test_scale_one_two_one_under_steady_traffic(ray_cluster, default_llm):
+    config = EngineConfig(kv_cache_memory=128 << 20)
+
+    def make(name):
+        return RayReplica("default", "float32", None, tp=1, config=config, name=name)
+
+    with running_gateway([make("s-0")], default_llm, make_replica=make) as server:
+        target = f"127.0.0.1:{server.port}"
+        stop = threading.Event()
+        results: list[str] = []
+
+        def traffic():
+            with Client(target, timeout=300) as client:
+                while not stop.is_set():
+                    try:
+                        out = client.generate("Count: 1, 2, 3,", temperature=0, max_tokens=4)
+                        results.append("ok" if out.usage.completion_tokens == 4 else "short")
+                    except Exception as e:  # noqa: BLE001 (any failure counts)
+                        results.append(repr(e))
+
+        threads = [threading.Thread(target=traffic) for _ in range(2)]
+        for t in threads:
+            t.start()
+        with Client(target, timeout=600) as admin:
+            assert admin.scale(2) == 2 and admin.model_info().replicas_ready == 2
+            time.sleep(2)
+            assert admin.scale(1) == 1 and admin.model_info().replicas_ready == 1
+            with pytest.raises(Exception, match="replicas: must be >= 1"):
+                admin.scale(0)
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+    assert results and set(results) == {"ok"}, set(results)

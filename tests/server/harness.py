@@ -13,14 +13,15 @@ from gemma_dist.server.validation import ServedModel
 class ServerThread:
     """A grpc.aio gateway running on its own event loop in a background thread."""
 
-    def __init__(self, servicer: GemmaServicer, credentials=None, interceptors=()):
+    def __init__(self, servicer: GemmaServicer, credentials=None, interceptors=(), make_replica=None):
         self.loop = asyncio.new_event_loop()
         self.servicer = servicer
         started = threading.Event()
 
         def run():
             asyncio.set_event_loop(self.loop)
-            self.server, self.port = self.loop.run_until_complete(start_server(servicer, "127.0.0.1", 0, credentials, interceptors))
+            self.server, self.port = self.loop.run_until_complete(start_server(servicer, "127.0.0.1", 0, credentials, interceptors,
+                                                                                  make_replica))
             started.set()
             self.loop.run_forever()
 
@@ -36,14 +37,15 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def running_gateway(replicas, llm, max_tokens_limit: int = 4096, credentials=None, interceptors=(), **limits):
+def running_gateway(replicas, llm, max_tokens_limit: int = 4096, credentials=None, interceptors=(),
+                    make_replica=None, **limits):
     """Serve `replicas` (shut down afterwards) as the default model described by the offline `llm`."""
     model = ServedModel("default", llm.config.vocab_size, llm.config.max_position_embeddings, max_tokens_limit)
     server = ServerThread(GemmaServicer(replicas, model, llm.tokenizer, llm.config.name, **limits), credentials,
-                          interceptors)
+                          interceptors, make_replica)
     try:
         yield server
     finally:
         server.stop()
-        for replica in replicas:
+        for replica in server.servicer.replicas:  # after scaling, the current set
             replica.shutdown()
