@@ -96,8 +96,9 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
             m.request_latency.observe(end - start)
             if first_at is not None and tokens > 1:
                 m.time_per_output_token.observe((end - first_at) / (tokens - 1))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
+        except asyncio.CancelledError:  # the client went away, or its deadline passed
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
         except BaseException:
             status = context.code()

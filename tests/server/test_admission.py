@@ -83,6 +83,12 @@ def test_cancelled_streams_and_expired_deadlines_free_everything(default_llm):
         assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
         stats = wait_idle(rep)
         assert (stats.waiting, stats.running, stats.free_blocks) == (0, 0, stats.total_blocks)
+        time.sleep(1.5)  # the metrics' gauges refresh every second
+        from tests.server.test_metrics import scrape
+        metrics = scrape(server.servicer.metrics.serve("127.0.0.1", 0))
+        for gauge in ("gemma_requests_running", "gemma_requests_waiting", "gemma_kv_blocks_used"):
+            assert metrics[(gauge, (("replica", "r0"),))] == 0, gauge
+        assert metrics[("gemma_requests_total", (("code", "DEADLINE_EXCEEDED"), ("method", "Generate")))] == 20
         with Client(target, timeout=60) as client:
             assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
 

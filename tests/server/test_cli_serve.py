@@ -35,7 +35,14 @@ def test_serve_generate_and_drain_on_sigterm():
         assert unary.stdout == streamed.stdout and "red" in unary.stdout
         bad = subprocess.run(cli + ["--top-p", "3", "x"], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in bad.stderr
-        server.send_signal(signal.SIGTERM)
+        # SIGTERM drains: a stream in flight still completes, then the server exits cleanly.
+        from gemma_dist.client import Client
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            stream = client.generate_stream("Once upon a time", temperature=0, max_tokens=30, ignore_eos=True)
+            got = len(next(stream).token_ids)
+            server.send_signal(signal.SIGTERM)
+            got += sum(len(c.token_ids) for c in stream)
+        assert got == 30
         assert server.wait(timeout=60) == 0
     finally:
         if server.poll() is None:
