@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -63,3 +64,24 @@ def test_bad_secret_files_fail_fast(tmp_path):
         server_credentials(str(tmp_path / "missing.pem"), str(empty))
     with pytest.raises(ValueError, match="--tls-cert: .* is empty"):
         server_credentials(str(empty), str(empty))
+
+
+def test_health_is_not_serving_only_while_no_replica_is_ready(default_llm):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    rep = replica(default_llm)
+    with running_gateway([rep], default_llm) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status():
+                return health.Check(health_pb2.HealthCheckRequest(service="gemma_dist.v1.GemmaService"),
+                                    timeout=10).status
+
+            assert status() == health_pb2.HealthCheckResponse.SERVING
+            rep.draining = True
+            time.sleep(1.5)  # one refresh
+            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            rep.draining = False
+            time.sleep(1.5)
+            assert status() == health_pb2.HealthCheckResponse.SERVING
