@@ -109,12 +109,17 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
             m.requests.labels(method, code).inc()
 
     async def refresh_metrics(self) -> None:
-        """Update the per-replica gauges (stats may block on Ray, so off the event loop)."""
+        """Update the per-replica gauges (stats may block on Ray, so off the event loop); a replica
+        that cannot answer is treated as failed."""
         loop = asyncio.get_running_loop()
         ready = [r for r in self.replicas if r.is_ready()]
         self.metrics.replicas_ready.set(len(ready))
         for replica in ready:
-            stats = await loop.run_in_executor(None, replica.stats)
+            try:
+                stats = await loop.run_in_executor(None, replica.stats)
+            except Exception as e:  # the replica's coordinator is gone: watch, don't wait for a request
+                self._on_replica_failure(replica, ReplicaFailure(f"{replica.name}: stats failed ({type(e).__name__})"))
+                continue
             self.metrics.record_replica(replica.name, stats)
 
     async def Tokenize(self, request, context):
