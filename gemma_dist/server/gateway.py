@@ -282,16 +282,17 @@ def _lenient(message_type):
 
 def _rejecting_malformed(method):
     """Wrap an RPC so a MalformedRequest is answered with INVALID_ARGUMENT."""
-    async def unary(request, context):
+    async def reject(request, context):
         if isinstance(request, MalformedRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: cannot parse ({request.error}); "
                                                                  "string fields must be valid UTF-8")
+
+    async def unary(request, context):
+        await reject(request, context)
         return await method(request, context)
 
     async def streaming(request, context):
-        if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: cannot parse ({request.error}); "
-                                                                 "string fields must be valid UTF-8")
+        await reject(request, context)
         async for item in method(request, context):
             yield item
     return streaming if inspect.isasyncgenfunction(method) else unary
