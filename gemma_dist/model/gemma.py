@@ -31,7 +31,7 @@ class GemmaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcap
-        self.num_heads = split_evenly(config.num_heads, parallel.size, "num_heads")
+        heads_per_rank = split_evenly(config.num_heads, parallel.size, "num_heads")
         # KV heads are split when there are enough; with fewer KV heads than ranks, each rank
         # keeps a copy of the one KV head its query heads read (Gemma 3 270M/1B and Gemma 1
         # 2B have a single KV head).
@@ -40,16 +40,19 @@ class GemmaAttention(nn.Module):
             if parallel.size % config.num_kv_heads:
                 raise ValueError(f"tp size {parallel.size} must be a multiple of num_kv_heads "
                                  f"{config.num_kv_heads} when KV heads are replicated")
-            self.num_kv_heads = 1
+            kv_per_rank = 1
             kv_start = (r * config.num_kv_heads // parallel.size) * d
         else:
-            self.num_kv_heads = split_evenly(config.num_kv_heads, parallel.size, "num_kv_heads")
-            kv_start = r * self.num_kv_heads * d
+            kv_per_rank = split_evenly(config.num_kv_heads, parallel.size, "num_kv_heads")
+            kv_start = r * kv_per_rank * d
+        # Heads this process computes: its rank's, or every rank's side by side under SPMD
+        # (replicated KV heads then appear once per rank, so each query head keeps its KV head).
+        self.num_heads, self.num_kv_heads = heads_per_rank * parallel.held, kv_per_rank * parallel.held
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [
-            ("q_proj", config.num_heads * d, self.num_heads * d, r * self.num_heads * d),
-            ("k_proj", config.num_kv_heads * d, self.num_kv_heads * d, kv_start),
-            ("v_proj", config.num_kv_heads * d, self.num_kv_heads * d, kv_start),
-        ])
+            ("q_proj", config.num_heads * d, heads_per_rank * d, r * heads_per_rank * d),
+            ("k_proj", config.num_kv_heads * d, kv_per_rank * d, kv_start),
+            ("v_proj", config.num_kv_heads * d, kv_per_rank * d, kv_start),
+        ], held=parallel.held)
         self.o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, parallel)
         self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.use_qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.use_qk_norm else None
@@ -57,8 +60,7 @@ class GemmaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """(T, H) → (T, H): project, QK-norm, RoPE, write K/V to the cache, attend, project out."""
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = self.qkv_proj.split_segments(self.qkv_proj(x))
         q = q.reshape(-1, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -80,12 +82,13 @@ class GemmaMLP(nn.Module):
         self.local = split_evenly(full, parallel.size, "intermediate_size")
         start = parallel.rank * self.local
         self.gate_up_proj = ColumnParallelLinear(
-            config.hidden_size, [("gate_proj", full, self.local, start), ("up_proj", full, self.local, start)])
+            config.hidden_size, [("gate_proj", full, self.local, start), ("up_proj", full, self.local, start)],
+            held=parallel.held)
         self.down_proj = RowParallelLinear(full, config.hidden_size, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(T, H) → (T, H)."""
-        gate, up = self.gate_up_proj(x).split([self.local, self.local], dim=-1)
+        gate, up = self.gate_up_proj.split_segments(self.gate_up_proj(x))
         return self.down_proj(gelu_tanh(gate) * up)
 
 
@@ -131,7 +134,7 @@ class GemmaForCausalLM(nn.Module):
 
     @property
     def num_kv_heads_per_rank(self) -> int:
-        """KV heads this rank's cache must hold."""
+        """KV heads this rank's cache must hold (every rank's, side by side, under SPMD)."""
         return self.layers[0].attn.num_kv_heads
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
@@ -139,7 +142,7 @@ class GemmaForCausalLM(nn.Module):
         """(T,) ids and positions → (T, H) final-normed hidden states; writes the new K/V."""
         x = self.embed(input_ids)
         # sqrt(hidden) rounded to the activation dtype, as the reference does.
-        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype, device=x.device)
         ropes = self._rope_tables(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_cache):
             x = layer(x, ropes[layer.kind], cache, meta)

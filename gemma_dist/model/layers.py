@@ -31,20 +31,36 @@ class ParallelContext:
     rank: int = 0
     size: int = 1
     group: object | None = None  # torch.distributed ProcessGroup when size > 1
+    # SPMD (torch_xla): this one process holds all `size` shards side by side in each
+    # parameter, laid out along the dim the ranks split (rank r's slice at offset r * slice);
+    # the XLA compiler shards that dim over the device mesh and inserts the collectives.
+    spmd: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"tp rank must be in [0, {self.size}), got {self.rank}")
+        if self.spmd and self.rank != 0:
+            raise ValueError("an SPMD context holds every shard; its rank must be 0")
+
+    @property
+    def held(self) -> int:
+        """Shards this process holds side by side: all of them under SPMD, else its own one."""
+        return self.size if self.spmd else 1
+
+    @property
+    def communicates(self) -> bool:
+        """True when this process must run collectives itself (torch.distributed, size > 1)."""
+        return self.size > 1 and not self.spmd
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group in place (row-parallel outputs)."""
-        if self.size > 1:
+        if self.communicates:
             torch.distributed.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along the last dim (vocab-parallel logits)."""
-        if self.size == 1:
+        if not self.communicates:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
@@ -223,18 +239,31 @@ class ColumnParallelLinear(nn.Module):
 
     `segments` lists (checkpoint_suffix, full_rows, rows_per_rank, rank_row_start) for
     each fused piece: e.g. q/k/v or gate/up. Output stays sharded (no communication).
+    With `held` > 1 (SPMD) the weight stacks `held` ranks' fused slices: (held * rows, in).
     """
 
-    def __init__(self, in_features: int, segments: list[tuple[str, int, int, int]]):
+    split_dim = 0  # the weight dim the ranks split (SPMD shards it over the mesh)
+
+    def __init__(self, in_features: int, segments: list[tuple[str, int, int, int]], held: int = 1):
         super().__init__()
         self.in_features = in_features
         self.segments = segments
+        self.held = held
         out_local = sum(rows for _, _, rows, _ in segments)
-        self.weight = nn.Parameter(torch.empty(out_local, in_features))
+        self.weight = nn.Parameter(torch.empty(held * out_local, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, in) → (T, this rank's out rows)."""
+        """(T, in) → (T, held * this rank's out rows)."""
         return linear(x, self.weight)
+
+    def split_segments(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """forward's (T, held * rows) → one (T, held * segment rows) tensor per fused segment,
+        each in checkpoint order (rank 0's rows first). Views, no copies, when held == 1."""
+        sizes = [rows for _, _, rows, _ in self.segments]
+        if self.held == 1:
+            return list(y.split(sizes, dim=-1))
+        parts = y.view(y.shape[0], self.held, sum(sizes)).split(sizes, dim=-1)  # (T, held, rows) each
+        return [p.reshape(y.shape[0], -1) for p in parts]
 
     def shard_specs(self, prefix: str, param_name: str) -> dict[str, ShardSpec]:
         """Checkpoint name → where its slice lands in this layer's weight."""
@@ -250,12 +279,14 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x W^T with W's input columns split across ranks; partial sums all-reduced."""
 
+    split_dim = 1  # the weight dim the ranks split (SPMD shards it over the mesh)
+
     def __init__(self, in_features: int, out_features: int, parallel: ParallelContext):
         super().__init__()
         self.parallel = parallel
         self.in_full = in_features
         self.in_local = split_evenly(in_features, parallel.size, "row-parallel input features")
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_local))
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_local * parallel.held))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(T, this rank's in cols) → (T, out), summed over ranks."""
@@ -275,6 +306,8 @@ class VocabParallelEmbedding(nn.Module):
     LM head: each rank computes its vocabulary slice of the logits, gathered on demand.
     """
 
+    split_dim = 0  # the weight dim the ranks split (SPMD shards it over the mesh)
+
     def __init__(self, vocab_size: int, dim: int, parallel: ParallelContext):
         super().__init__()
         self.parallel = parallel
@@ -282,11 +315,12 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_local = math.ceil(vocab_size / parallel.size)
         self.vocab_start = parallel.rank * self.vocab_local
         self.vocab_stop = min(vocab_size, self.vocab_start + self.vocab_local)
-        self.weight = nn.Parameter(torch.empty(self.vocab_local, dim))
+        # SPMD: every rank's rows stacked = the whole vocabulary, zero-padded to size * local.
+        self.weight = nn.Parameter(torch.empty(self.vocab_local * parallel.held, dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(T,) ids → (T, H) embeddings (each rank looks up the ids it owns; summed)."""
-        if self.parallel.size == 1:
+        if not self.parallel.communicates:
             return F.embedding(ids, self.weight)
         owned = (ids >= self.vocab_start) & (ids < self.vocab_stop)
         local_ids = torch.where(owned, ids - self.vocab_start, torch.zeros_like(ids))
@@ -298,6 +332,8 @@ class VocabParallelEmbedding(nn.Module):
         local = lm_head(hidden, self.weight)
         if not gather:
             return local
+        if self.parallel.spmd:
+            return local[..., : self.vocab_size]
         return self.parallel.all_gather_last_dim(local)[..., : self.vocab_size]
 
     def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
@@ -323,10 +359,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     softcap: float | None) -> torch.Tensor:
     """Attention of flat queries over the paged KV cache (new keys already written).
 
-    q: (T, Hq, D) for the T new tokens; caches: (num_blocks, block_size, Hkv, D). Each group
-    (all decode rows together, each prefill chunk alone) is one masked batched matmul over
-    keys gathered through the block tables. Returns (T, Hq * D) in flat token order.
+    q: (T, Hq, D) for the T new tokens; caches: (num_blocks, block_size, Hkv, D). With
+    meta.kernel set, the fused Triton kernel reads the cache in place (CUDA). Otherwise each
+    group (all decode rows together, each prefill chunk alone) is one masked batched matmul
+    over keys gathered through the block tables. Returns (T, Hq * D) in flat token order.
     """
+    if meta.kernel is not None:
+        from gemma_dist.model.paged_attention_kernel import paged_attention_kernel
+
+        return paged_attention_kernel(q, k_cache, v_cache, meta.kernel, local, scale, softcap)
     outs = [_group_attention(q, k_cache, v_cache, g, g.window_view if local else g.global_view, scale, softcap)
             for g in meta.groups]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)

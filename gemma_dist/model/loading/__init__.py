@@ -107,5 +107,27 @@ def load_model(checkpoint: Checkpoint, dtype: str | torch.dtype = "float32",
                progress: bool | None = None) -> GemmaForCausalLM:
     """Build the model for this rank and load its slice of every tensor (strictly)."""
     model = build_model(checkpoint.config, parse_dtype(dtype), device, parallel)
-    load_weights(model, model.shard_specs(), checkpoint.source, progress)
+    if parallel is not None and parallel.spmd:
+        _load_every_rank(model, checkpoint.source, parallel, progress)
+    else:
+        load_weights(model, model.shard_specs(), checkpoint.source, progress)
     return model
+
+
+def _load_every_rank(model: GemmaForCausalLM, source: WeightSource, parallel: ParallelContext,
+                     progress: bool | None) -> None:
+    """SPMD: fill each rank's slice of the stacked parameters exactly as that rank's own
+    torch.distributed shard would be loaded, so both paths split the weights identically."""
+    for rank in range(parallel.size):
+        with torch.device("meta"):
+            rank_model = GemmaForCausalLM(model.config, ParallelContext(rank, parallel.size))
+        views = {}
+        for name, rank_param in rank_model.named_parameters():
+            param = model.get_parameter(name)
+            dim = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "split_dim", None)
+            if dim is None:  # replicated (norms): every rank loads the same values
+                views[name] = param.detach()
+            else:
+                width = rank_param.shape[dim]
+                views[name] = param.detach().narrow(dim, rank * width, width)
+        load_weights(rank_model, rank_model.shard_specs(), source, progress if rank == 0 else False, views)

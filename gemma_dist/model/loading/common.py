@@ -74,13 +74,15 @@ def _read_slice(source: WeightSource, name: str, spec: ShardSpec) -> torch.Tenso
 
 
 def load_weights(model: nn.Module, specs: dict[str, ShardSpec], source: WeightSource,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, params: dict[str, torch.Tensor] | None = None) -> None:
     """Fill every parameter of `model` (already materialized with `to_empty`) from `source`.
 
-    Strict: a checkpoint tensor with no spec is unexpected, a spec with no tensor is
-    missing, and shapes must match exactly; all three raise WeightLoadError naming the tensor.
+    `params` overrides where each parameter name is written (SPMD: views of one rank's slice
+    inside the stacked parameters). Strict: a checkpoint tensor with no spec is unexpected, a
+    spec with no tensor is missing, and shapes must match exactly; all three raise
+    WeightLoadError naming the tensor.
     """
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if params is None else params
     names = source.names()
     unexpected = sorted(set(names) - set(specs))
     if unexpected:
@@ -98,14 +100,14 @@ def load_weights(model: nn.Module, specs: dict[str, ShardSpec], source: WeightSo
         part = _read_slice(source, name, spec)
         param = params[spec.param_name]
         with torch.no_grad():
-            target = param.data.narrow(0, spec.offset, part.shape[0])
+            target = param.detach().narrow(0, spec.offset, part.shape[0])
             if target.shape != part.shape:
                 raise WeightLoadError(f"{source.description}: tensor {name} slice {list(part.shape)} "
                                       f"does not fit parameter {spec.param_name} {list(param.shape)}")
             target.copy_(part.to(param.dtype))
             filled[spec.param_name] += part.numel()
             if spec.dim == 0 and spec.stop > spec.full_shape[0]:  # last vocabulary shard overhangs
-                tail = param.data[spec.offset + part.shape[0]:]
+                tail = param.detach()[spec.offset + part.shape[0]:]
                 tail.zero_()
                 filled[spec.param_name] += tail.numel()
     unfilled = [n for n, count in filled.items() if count != params[n].numel()]
