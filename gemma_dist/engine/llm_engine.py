@@ -44,13 +44,30 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences per step
     max_num_batched_tokens: int = 2048  # new tokens per step (chunked prefill budget)
     seed: int | None = None  # seed of the shared generator used by unseeded requests
+    max_model_len: int | None = None  # longest prompt + output per request (None: the model's context)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 (bytes, or a fraction <= 1), got {self.kv_cache_memory}")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates the limits
+
+
+def resolve_device(device: str) -> str:
+    """"auto" → "cuda" when a GPU is visible, else "cpu"; other names pass through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda", "xla") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu, cuda or xla; got {device!r}")
+    return device
+
+
+def default_dtype(device: str) -> str:
+    """bfloat16 on accelerators (their fast dtype), float32 on CPU (bf16 matmuls are slow there)."""
+    return "float32" if device == "cpu" else "bfloat16"
 
 
 def kv_cache_bytes(budget: float, device: torch.device) -> int:
@@ -121,7 +138,8 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds no block of {per_block} bytes")
         # Gemma 3 4b+ embeddings have more rows (262,208) than the tokenizer has pieces: never sample those.
         runner = ModelRunner(model, num_blocks, config.block_size, Sampler(config.seed),
-                             vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size))
+                             vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size),
+                             max_model_len=config.max_model_len)
         self._setup(model.config, tokenizer, config, runner, num_blocks)
         self.model = model
 
@@ -138,20 +156,35 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.model_config = model_config
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         self.runner = runner
         self._requests: dict[str, _Request] = {}
 
     @classmethod
-    def from_model(cls, model: str = "default", dtype: str = "float32", variant: str | None = None,
-                   device: str = "cpu", config: EngineConfig = EngineConfig()) -> "LLMEngine":
-        """Load a checkpoint ("default", HF dir, .gguf, .ckpt) and build an engine on it."""
+    def from_model(cls, model: str = "default", dtype: str | None = None, variant: str | None = None,
+                   device: str = "cpu", config: EngineConfig = EngineConfig(), tp: int | None = None) -> "LLMEngine":
+        """Load a checkpoint ("default", HF dir, .gguf, .ckpt) and build an engine on it.
+
+        device: "cpu", "cuda", "auto" (cuda when available) or "xla" (torch_xla SPMD over `tp`
+        devices, default all; compiles every bucketed shape before returning). dtype None picks
+        the device's default (bfloat16 on cuda/xla, float32 on cpu)."""
         from gemma_dist.model.loading import load_model, open_checkpoint
 
+        device = resolve_device(device)
+        dtype = dtype or default_dtype(device)
         checkpoint = open_checkpoint(model, variant)
         try:
             tokenizer = checkpoint.load_tokenizer()
+            if device == "xla":
+                from gemma_dist.engine.xla_runner import XlaModelRunner
+
+                runner = XlaModelRunner.from_checkpoint(checkpoint, dtype, tp, config, tokenizer.vocab_size)
+                engine = cls.with_runner(checkpoint.config, tokenizer, config, runner, runner.num_blocks)
+                engine.model = runner.model
+                return engine
             loaded = load_model(checkpoint, dtype, device)
         finally:
             checkpoint.source.close()
@@ -170,7 +203,7 @@ class LLMEngine:
         text, ids = self._prompt_ids(prompt, chat)
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params,
                        eos_token_ids=self.tokenizer.stop_token_ids(chat=chat is not None),
-                       max_context=self.model_config.max_position_embeddings, prompt=text)
+                       max_context=self.max_model_len, prompt=text)
         if params.seed is not None:
             seq.generator = make_generator(params.seed)
         self.scheduler.add(seq)
@@ -193,9 +226,8 @@ class LLMEngine:
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
                 raise ValueError(f"prompt_token_ids: id {bad} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.model_config.max_position_embeddings:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context holds "
-                             f"{self.model_config.max_position_embeddings}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
         return text, ids
 
     def abort(self, request_id: str) -> RequestDelta | None:

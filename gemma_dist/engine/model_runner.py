@@ -34,50 +34,99 @@ def kv_bytes_per_token(model: GemmaForCausalLM, dtype: torch.dtype) -> int:
     return 2 * c.num_layers * model.num_kv_heads_per_rank * c.head_dim * torch.finfo(dtype).bits // 8
 
 
+def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                vocab_limit: int | None) -> SampleResult:
+    """Sample one token per row of logits (S, vocab); ids >= vocab_limit are never chosen."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits[:, vocab_limit:] = float("-inf")
+    return sampler(logits, list(rows))
+
+
 class ModelRunner:
     """Owns the model, its paged KV cache and the sampler; executes steps."""
 
     def __init__(self, model: GemmaForCausalLM, num_blocks: int, block_size: int,
-                 sampler: Sampler | None = None, vocab_limit: int | None = None):
+                 sampler: Sampler | None = None, vocab_limit: int | None = None, attention: str = "auto",
+                 decode_graphs: bool | None = None, max_model_len: int | None = None):
+        """attention: "gather" (batched matmuls over gathered keys; CPU default), "kernel" (the
+        fused Triton kernel reading the paged cache; CUDA default) or "auto". decode_graphs:
+        replay CUDA graphs for decode-only steps (default: on CUDA with the kernel); on CPU it
+        runs the same static-buffer path uncaptured (tests). max_model_len bounds the graphs'
+        block tables (default: the model's context)."""
         self.model = model
         self.vocab_limit = vocab_limit  # ids at or above it are never sampled (no tokenizer piece)
         self.block_size = block_size
         self.num_blocks = num_blocks
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.attention = _resolve_attention(attention, self.device)
+        on_cuda = self.device.type == "cuda"
+        if decode_graphs is None:
+            decode_graphs = on_cuda and self.attention == "kernel"
+        if decode_graphs and self.attention != "kernel":
+            raise ValueError("decode graphs need attention='kernel'")
         c = model.config
-        self.kv_cache = allocate_kv_cache(c.num_layers, num_blocks, block_size, model.num_kv_heads_per_rank,
-                                          c.head_dim, dtype, self.device)
+        # Decode graphs pad rows into one scratch block past the real cache.
+        self.kv_cache = allocate_kv_cache(c.num_layers, num_blocks + int(decode_graphs), block_size,
+                                          model.num_kv_heads_per_rank, c.head_dim, dtype, self.device)
         self.sampler = sampler or Sampler()
+        self.decode_graphs = None
+        if decode_graphs:
+            from gemma_dist.engine.cuda_graphs import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(model, self.kv_cache, block_size,
+                                              max_model_len or c.max_position_embeddings, num_blocks,
+                                              capture=on_cuda)
 
     @torch.inference_mode()
     def execute(self, steps: Sequence[StepInput], sample: bool = True) -> SampleResult | None:
         """Run one forward over all steps; sample for the steps that ask. Result rows follow
         the order of the sampling steps. With sample=False (tensor-parallel ranks other than
         0) only take part in the step's collectives and return None."""
-        hidden, meta = self._forward(steps)
         rows = [i for i, s in enumerate(steps) if s.sampling is not None]
-        if not rows:
-            return SampleResult(token_ids=[], logprobs=[]) if sample else None
-        last = meta.last_token_index[torch.tensor(rows, device=self.device)]
-        logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32, gathered over ranks
+        if self.decode_graphs is not None and self.decode_graphs.fits(steps):
+            logits = self.decode_graphs.run(steps)[rows] if rows else None  # (S, vocab)
+        else:
+            hidden, meta = self._forward(steps)
+            if not rows:
+                return SampleResult(token_ids=[], logprobs=[]) if sample else None
+            last = meta.last_token_index[torch.tensor(rows, device=self.device)]
+            logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32, gathered over ranks
         if not sample:
             return None
-        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
-            logits[:, self.vocab_limit:] = float("-inf")
-        return self.sampler(logits, [steps[i].sampling for i in rows])
+        if not rows:
+            return SampleResult(token_ids=[], logprobs=[])
+        return sample_rows(self.sampler, logits, [steps[i].sampling for i in rows], self.vocab_limit)
 
     @torch.inference_mode()
     def logits(self, steps: Sequence[StepInput]) -> torch.Tensor:
         """Logits (S, vocab) at the last new token of every step (no sampling; for tests/tools)."""
+        if self.decode_graphs is not None and self.decode_graphs.fits(steps):
+            return self.decode_graphs.run(steps).clone()
         hidden, meta = self._forward(steps)
         return self.model.compute_logits(hidden[meta.last_token_index])
 
     def _forward(self, steps: Sequence[StepInput]):
         query_lens = [len(s.token_ids) for s in steps]
         cached = [s.num_cached for s in steps]
-        meta = build_attention_metadata(query_lens, cached, [s.block_table for s in steps],
-                                        self.block_size, self.model.config.sliding_window, self.device)
+        meta = build_attention_metadata(query_lens, cached, [s.block_table for s in steps], self.block_size,
+                                        self.model.config.sliding_window, self.device,
+                                        use_kernel=self.attention == "kernel")
         ids = torch.tensor([t for s in steps for t in s.token_ids], dtype=torch.int64, device=self.device)
         hidden = self.model(ids, positions_of(query_lens, cached, self.device), self.kv_cache, meta)
         return hidden, meta
+
+
+def _resolve_attention(attention: str, device: torch.device) -> str:
+    """"auto" → "kernel" on CUDA when Triton is installed, else "gather"."""
+    if attention not in ("auto", "gather", "kernel"):
+        raise ValueError(f"attention must be auto, gather or kernel; got {attention!r}")
+    if attention != "auto":
+        return attention
+    if device.type != "cuda":
+        return "gather"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "gather"
+    return "kernel"

@@ -41,6 +41,16 @@ class AttentionGroup:
 
 
 @dataclasses.dataclass
+class KernelInputs:
+    """Inputs of the fused paged-attention kernel (`paged_attention_kernel`), all int32."""
+
+    token_seq: torch.Tensor  # (T,) which row of block_tables each query token reads
+    block_tables: torch.Tensor  # (B, max_blocks) physical block ids (unused tail: any valid id)
+    positions: torch.Tensor  # (T,) each query token's position: it sees keys at positions <= it
+    sliding_window: int | None  # window of LOCAL layers (keys within the last `window` positions)
+
+
+@dataclasses.dataclass
 class AttentionMetadata:
     """Everything attention needs about one step's flattened batch of B sequences / T tokens."""
 
@@ -48,6 +58,7 @@ class AttentionMetadata:
     groups: list[AttentionGroup]  # decode group first (if any), then one group per prefill chunk
     output_order: torch.Tensor | None  # (T,) row of each flat token in the groups' stacked output; None = same order
     last_token_index: torch.Tensor  # (B,) int64: flat index of each sequence's last new token
+    kernel: KernelInputs | None = None  # set: attention runs in the fused kernel (groups unused)
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -96,14 +107,29 @@ def _group(token_index: list[int], tables: list[Sequence[int]], cached: list[int
                           len(query_pos[0]), whole, windowed)
 
 
+def kernel_inputs(query_lens: Sequence[int], cached_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+                  sliding_window: int | None, device: torch.device | str, width: int | None = None) -> KernelInputs:
+    """Fused-kernel inputs for B sequences, sequence b adding query_lens[b] tokens after cached_lens[b]
+    (block tables padded with block 0 to `width`, default the longest)."""
+    width = width or max(len(t) for t in block_tables)
+    tables = torch.zeros((len(block_tables), width), dtype=torch.int32)
+    for b, table in enumerate(block_tables):
+        tables[b, : len(table)] = torch.tensor(table[:width], dtype=torch.int32)
+    token_seq = [b for b, q in enumerate(query_lens) for _ in range(q)]
+    positions = [p for q, c in zip(query_lens, cached_lens) for p in range(c, c + q)]
+    return KernelInputs(torch.tensor(token_seq, dtype=torch.int32, device=device), tables.to(device),
+                        torch.tensor(positions, dtype=torch.int32, device=device), sliding_window)
+
+
 def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[int],
                              block_tables: Sequence[Sequence[int]], block_size: int,
                              sliding_window: int | None,
-                             device: torch.device | str = "cpu") -> AttentionMetadata:
+                             device: torch.device | str = "cpu", use_kernel: bool = False) -> AttentionMetadata:
     """Metadata for B sequences, sequence b adding query_lens[b] tokens after cached_lens[b].
 
     Tokens are flattened sequence by sequence; the block table of b must cover
-    cached_lens[b] + query_lens[b] positions.
+    cached_lens[b] + query_lens[b] positions. use_kernel: attention runs in the fused
+    paged-attention kernel, which needs only `kernel` (no gather groups are built).
     """
     if not (len(query_lens) == len(cached_lens) == len(block_tables)) or not query_lens:
         raise ValueError("query_lens, cached_lens and block_tables need one entry per sequence")
@@ -116,6 +142,10 @@ def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[in
             raise ValueError(f"sequence {b}: block table covers {len(table) * block_size} positions, "
                              f"needs {cached + q_len}")
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, cached + q_len))
+    if use_kernel:
+        last = torch.tensor(starts[1:], dtype=torch.int64) - 1
+        return AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=device), [], None, last.to(device),
+                                 kernel_inputs(query_lens, cached_lens, block_tables, sliding_window, device))
     decode = [b for b, q in enumerate(query_lens) if q == 1]
     groups, order = [], []
     if decode:
