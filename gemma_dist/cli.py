@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Sequence
+
+DEVICES = ["auto", "cpu", "cuda", "xla"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,8 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="default",
                        help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
     serve.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    serve.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="weights and activations (default: bfloat16 on cuda/xla, float32 on cpu)")
+    serve.add_argument("--device", default="auto", choices=DEVICES,
+                       help="where shard workers run: cpu, cuda (nccl), xla (TPU via torch_xla SPMD); "
+                            "auto = cuda when available, else cpu")
+    serve.add_argument("--tp", type=int, default=1,
+                       help="tensor-parallel ranks per replica; with --device xla, TPU hosts per replica "
+                            "(one actor per host shards the model over all its chips)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="longest prompt + output per request (default: the model's context; 4096 on xla, "
+                            "where each doubling adds compiled graphs)")
     serve.add_argument("--replicas", type=int, default=1, help="model replicas")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only)")
     serve.add_argument("--port", type=int, default=50051)
@@ -39,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads per shard worker (0 = this host's cores / (tp x replicas))")
     serve.add_argument("--batch-invariant", action="store_true",
                        help="make outputs bitwise independent of batching (slower for lone requests)")
+    serve.add_argument("--dry-run", action="store_true",
+                       help="validate the flags, print the resolved settings as JSON and exit "
+                            "(starts no Ray, loads no model)")
     scale = sub.add_parser("scale", help="add or remove replicas of a running server")
     scale.add_argument("--replicas", type=int, required=True, help="replicas wanted (>= 1)")
     scale.add_argument("--target", default="127.0.0.1:50051", help="server address")
@@ -54,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="default",
                      help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
     gen.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="weights and activations (default: bfloat16 on cuda/xla, float32 on cpu)")
+    gen.add_argument("--device", default="auto", choices=DEVICES,
+                     help="where --local runs the model: cpu, cuda, xla; auto = cuda when available")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Gemma chat template")
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=64)
@@ -67,13 +85,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag when a `serve` setting is out of range."""
+    at_least_one = (("--replicas", args.replicas), ("--tp", args.tp), ("--max-tokens-limit", args.max_tokens_limit))
+    for flag, value in at_least_one:
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{flag} must be in 0..65535, got {port}")
+    if args.device not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {args.device!r}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if not args.kv_cache_memory > 0:
+        raise ValueError(f"--kv-cache-memory must be > 0, got {args.kv_cache_memory:g}")
+    if args.max_queued_requests is not None and args.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
+    if args.queue_timeout is not None and not args.queue_timeout > 0:
+        raise ValueError(f"--queue-timeout must be > 0, got {args.queue_timeout:g}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if args.threads_per_worker < 0:
+        raise ValueError(f"--threads-per-worker must be >= 0, got {args.threads_per_worker}")
+
+
+def serve_settings(args: argparse.Namespace) -> dict:
+    """The `serve` settings as plain values, with the default dtype resolved where the device is known."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "dry_run")}
+    if settings["dtype"] is None and args.device != "auto":  # auto: decided once the device is found
+        settings["dtype"] = "float32" if args.device == "cpu" else "bfloat16"
+    return settings
+
+
 def _generate_local(args: argparse.Namespace) -> int:
     from gemma_dist import LLM, SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop))
     start = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, variant=args.variant, kv_cache_memory=args.kv_cache_memory)
+    llm = LLM(model=args.model, dtype=args.dtype, variant=args.variant, kv_cache_memory=args.kv_cache_memory,
+              device=args.device)
     loaded = time.perf_counter()
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
@@ -132,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
+            check_serve_args(args)
+            if args.dry_run:
+                print(json.dumps(serve_settings(args), sort_keys=True))
+                return 0
             from gemma_dist.server.serve import serve
 
             return serve(args)

@@ -91,11 +91,14 @@ class RayReplica:
 
     _names = itertools.count()
 
-    def __init__(self, model: str, dtype: str, variant: str | None, tp: int, config: EngineConfig,
+    def __init__(self, model: str, dtype: str | None, variant: str | None, tp: int, config: EngineConfig,
                  cpus_per_actor: float = 0.01, threads_per_worker: int = 1, name: str | None = None,
-                 step_timeout: float = 120.0):
+                 step_timeout: float = 120.0, device: str = "cpu"):
+        """tp: shard workers (tensor-parallel ranks; with device "xla", hosts of the slice, one
+        actor per host owning all its chips). dtype None: the device's default."""
         self.name = name or f"replica-{next(self._names)}"
         self.tp = tp
+        self.device = device
         self._spec = (model, dtype, variant, config, cpus_per_actor, threads_per_worker, step_timeout)
         self._in_flight = 0
         self._ready = False
@@ -106,15 +109,21 @@ class RayReplica:
     def _build(self) -> None:
         """Create the placement group, the shard workers (loaded) and the coordinator."""
         model, dtype, variant, config, cpus, threads, step_timeout = self._spec
-        self.placement = placement_group([{"CPU": cpus}] * (self.tp + 1), strategy="PACK")
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        worker_bundle = {"CPU": cpus, **accelerator_bundle(self.device, nodes)}
+        # XLA hosts of one slice go one per node; torch.distributed ranks pack onto few nodes.
+        strategy = "SPREAD" if self.device == "xla" and self.tp > 1 else "PACK"
+        self.placement = placement_group([worker_bundle] * self.tp + [{"CPU": cpus}], strategy=strategy)
         ray.get(self.placement.ready())
         actor = ray.remote(max_restarts=0)(ShardWorker)
-        self.workers = [actor.options(num_cpus=cpus, scheduling_strategy=self._bundle(rank)).remote(
-            rank, self.tp, model, dtype, variant, threads) for rank in range(self.tp)]
+        gpus = worker_bundle.get("GPU", 0)
+        self.workers = [actor.options(num_cpus=cpus, num_gpus=gpus, resources=_custom(worker_bundle),
+                                      scheduling_strategy=self._bundle(rank)).remote(
+            rank, self.tp, model, dtype, variant, threads, self.device) for rank in range(self.tp)]
         master, port = ray.get(self.workers[0].rendezvous.remote())
         vocab_limit = _vocab_limit(model, variant)
         kv_bytes = int(config.kv_cache_memory) if config.kv_cache_memory > 1 else 2 << 30
-        blocks = ray.get([w.start.remote(master, port, kv_bytes, config.block_size, config.seed, vocab_limit)
+        blocks = ray.get([w.start.remote(master, port, kv_bytes, config.block_size, config.seed, vocab_limit, config)
                           for w in self.workers])
         self.coordinator = ray.remote(Coordinator).options(
             num_cpus=cpus, scheduling_strategy=self._bundle(self.tp), max_concurrency=1000).remote(
@@ -191,6 +200,22 @@ class RayReplica:
         if getattr(self, "placement", None) is not None:
             remove_placement_group(self.placement)
             self.placement = None
+
+
+def accelerator_bundle(device: str, nodes: list[dict]) -> dict:
+    """Accelerator resources one shard worker reserves, given each live node's resources: a
+    GPU per rank on cuda; on xla all TPU chips of a host (XLA:CPU test clusters have none)."""
+    if device.startswith("cuda"):
+        return {"GPU": 1}
+    chips = max((int(n.get("TPU", 0)) for n in nodes), default=0)
+    if device == "xla" and chips:
+        return {"TPU": chips}
+    return {}
+
+
+def _custom(bundle: dict) -> dict:
+    """The bundle's resources other than CPU/GPU (Ray's `resources=` option)."""
+    return {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
 
 
 def _vocab_limit(model: str, variant: str | None) -> int:

@@ -28,9 +28,14 @@ COLLECTIVE_TIMEOUT_S = 300  # a rank stuck in a collective (its peer died) gives
 class ShardWorker:
     """Rank `rank` of a `world`-rank replica (wrap with ray.remote to make it an actor)."""
 
-    def __init__(self, rank: int, world: int, model: str, dtype: str, variant: str | None, num_threads: int):
+    def __init__(self, rank: int, world: int, model: str, dtype: str | None, variant: str | None, num_threads: int,
+                 device: str = "auto"):
+        from gemma_dist.engine.llm_engine import default_dtype, resolve_device
+
         self.rank, self.world = rank, world
-        self.model_path, self.dtype, self.variant = model, dtype, variant
+        self.device = resolve_device(device)  # on this actor's node: "auto" finds its GPU
+        self.model_path, self.variant = model, variant
+        self.dtype = dtype or default_dtype(self.device)
         torch.set_num_threads(max(1, num_threads))  # Ray sets OMP_NUM_THREADS=1 for fractional CPUs
         if os.environ.get("GEMMA_DIST_BATCH_INVARIANT") == "1":
             set_batch_invariant(True)
@@ -47,9 +52,15 @@ class ShardWorker:
         return ray.util.get_node_ip_address(), port
 
     def start(self, master: str, port: int, kv_cache_bytes: int, block_size: int, seed: int | None,
-              vocab_limit: int) -> int:
-        """Join the group, load this rank's shard, allocate its KV cache; returns the block count."""
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+              vocab_limit: int, config=None) -> int:
+        """Join the group, load this rank's shard, allocate its KV cache; returns the block count.
+
+        With device "xla" this actor owns its host's chips: no torch.distributed group; the model
+        is sharded over every device of the slice by SPMD and compiled for `config`'s (an
+        EngineConfig) bucketed shapes before this returns."""
+        if self.device == "xla":
+            return self._start_xla(kv_cache_bytes, block_size, seed, vocab_limit, config)
+        backend = "nccl" if self.device.startswith("cuda") else "gloo"
         device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.rank, world_size=self.world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -62,8 +73,24 @@ class ShardWorker:
         num_blocks = kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv cache budget {kv_cache_bytes} holds no block of {per_block} bytes")
-        self.runner = ModelRunner(model, num_blocks, block_size, Sampler(seed), vocab_limit=vocab_limit)
+        self.runner = ModelRunner(model, num_blocks, block_size, Sampler(seed), vocab_limit=vocab_limit,
+                                  max_model_len=getattr(config, "max_model_len", None))
         return num_blocks
+
+    def _start_xla(self, kv_cache_bytes: int, block_size: int, seed: int | None, vocab_limit: int, config) -> int:
+        import dataclasses
+
+        from gemma_dist.engine.llm_engine import EngineConfig
+        from gemma_dist.engine.xla_runner import XlaModelRunner
+
+        config = dataclasses.replace(config or EngineConfig(), kv_cache_memory=kv_cache_bytes,
+                                     block_size=block_size, seed=seed)
+        checkpoint = open_checkpoint(self.model_path, self.variant)
+        try:
+            self.runner = XlaModelRunner.from_checkpoint(checkpoint, self.dtype, None, config, vocab_limit)
+        finally:
+            checkpoint.source.close()
+        return self.runner.num_blocks
 
     def execute(self, steps: list[StepInput], seeds: dict[str, int] | None = None,
                 released: Sequence[str] = ()) -> SampleResult | None:
@@ -85,6 +112,14 @@ class ShardWorker:
     def num_parameters(self) -> int:
         """Parameters this rank holds (its shard)."""
         return sum(p.numel() for p in self.runner.model.parameters())
+
+    def compile_count(self) -> int:
+        """Graphs compiled in this actor so far (XLA only; 0 elsewhere)."""
+        if self.device != "xla":
+            return 0
+        from gemma_dist.engine.xla_runner import compile_count
+
+        return compile_count()
 
     def stop(self) -> None:
         """Leave the process group."""

@@ -21,17 +21,24 @@ DRAIN_SECONDS = 30.0  # SIGTERM: finish in-flight requests for up to this long
 def serve(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.replicas < 1 or args.tp < 1:
-        raise ValueError(f"--replicas and --tp must be >= 1, got {args.replicas} and {args.tp}")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
+    from gemma_dist.cli import check_serve_args
+
+    check_serve_args(args)
     return asyncio.run(_serve(args))
+
+
+def cluster_device(device: str, resources: dict) -> str:
+    """Resolve --device on the cluster: "auto" is cuda when any node has a GPU, else cpu."""
+    if device == "auto":
+        return "cuda" if resources.get("GPU") else "cpu"
+    return device
 
 
 async def _serve(args: argparse.Namespace) -> int:
     import ray
 
-    from gemma_dist.engine.llm_engine import EngineConfig
+    from gemma_dist.engine.llm_engine import EngineConfig, default_dtype
+    from gemma_dist.engine.xla_runner import DEFAULT_MAX_MODEL_LEN
     from gemma_dist.model.loading import open_checkpoint
     from gemma_dist.runtime.replica import RayReplica
     from gemma_dist.server.gateway import GemmaServicer, start_server
@@ -49,20 +56,26 @@ async def _serve(args: argparse.Namespace) -> int:
     checkpoint.source.close()
     ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"GEMMA_DIST_BATCH_INVARIANT": "1" if args.batch_invariant else "0"}})
-    engine_config = EngineConfig(kv_cache_memory=args.kv_cache_memory)
+    device = cluster_device(args.device, ray.cluster_resources())
+    dtype = args.dtype or default_dtype(device)
+    max_model_len = min(args.max_model_len or (DEFAULT_MAX_MODEL_LEN if device == "xla" else
+                                               config.max_position_embeddings), config.max_position_embeddings)
+    engine_config = EngineConfig(kv_cache_memory=args.kv_cache_memory, max_model_len=max_model_len)
     # Each shard worker uses its share of this host's cores (Ray would pin it to one thread).
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // (args.tp * args.replicas))
+    log.info("device %s, dtype %s, max_model_len %d", device, dtype, max_model_len)
+
+    def make_replica(name: str) -> RayReplica:
+        return RayReplica(args.model, dtype, args.variant, args.tp, engine_config,
+                          threads_per_worker=threads, name=name, device=device)
+
     loop = asyncio.get_running_loop()
-    replicas = await asyncio.gather(*(loop.run_in_executor(
-        None, lambda i=i: RayReplica(args.model, args.dtype, args.variant, args.tp, engine_config,
-                                     threads_per_worker=threads, name=f"replica-{i}")) for i in range(args.replicas)))
+    replicas = await asyncio.gather(*(loop.run_in_executor(None, make_replica, f"replica-{i}")
+                                      for i in range(args.replicas)))
     served = ServedModel(args.model if args.model == "default" else config.name, config.vocab_size,
-                         config.max_position_embeddings, args.max_tokens_limit)
+                         max_model_len, args.max_tokens_limit)
     servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp,
                              max_queued_requests=args.max_queued_requests, queue_timeout=args.queue_timeout)
-    def make_replica(name: str) -> RayReplica:
-        return RayReplica(args.model, args.dtype, args.variant, args.tp, engine_config,
-                          threads_per_worker=threads, name=name)
 
     server, port = await start_server(servicer, args.host, args.port, credentials, interceptors, make_replica)
     metrics_port = servicer.metrics.serve(args.host, args.metrics_port)
