@@ -41,17 +41,24 @@ def engine_throughput(llm: LLM, work: list[list[int]], output_len: int) -> float
     return len(work) * output_len / elapsed
 
 
-def transformers_throughput(work: list[list[int]], output_len: int) -> float:
+def transformers_throughput(work: list[list[int]], output_len: int, model_dir: str | Path | None = None,
+                            dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
     """Output tok/s of transformers' batched generate on the same weights and prompts."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
-    ids = torch.tensor(work)
+    model = AutoModelForCausalLM.from_pretrained(model_dir or default_model_dir(), dtype=dtype).to(device).eval()
+    ids = torch.tensor(work, device=device)
+    generate = dict(input_ids=ids, attention_mask=torch.ones_like(ids), min_new_tokens=output_len, do_sample=False,
+                    top_p=None, top_k=None, temperature=None, pad_token_id=0)
+    if device != "cpu":  # warm-up (CUDA kernels, allocator)
+        with torch.no_grad():
+            model.generate(**{**generate, "min_new_tokens": 4}, max_new_tokens=4)
+        torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                             min_new_tokens=output_len, do_sample=False, top_p=None, top_k=None,
-                             temperature=None, pad_token_id=0)
+        out = model.generate(**generate, max_new_tokens=output_len)
+    if device != "cpu":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + output_len
     return len(work) * output_len / elapsed

@@ -43,11 +43,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def start_server(tp: int) -> tuple[subprocess.Popen, str, float]:
+def random_gemma3_1b(directory: Path) -> Path:
+    """A Gemma 3 1B-sized checkpoint with random weights (HF layout + the real tokenizer), for
+    measuring speed where the real 1B weights cannot be downloaded. Built once per directory."""
+    import shutil
+
+    import transformers
+
+    from gemma_dist.model.loading.default_model import default_model_dir
+
+    if (directory / "config.json").exists():
+        return directory
+    config = transformers.Gemma3TextConfig(
+        vocab_size=262_144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+        max_position_embeddings=32_768, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+    shutil.copy(default_model_dir() / "tokenizer.model", directory / "tokenizer.model")
+    return directory
+
+
+def start_server(tp: int, model: str = "default", dtype: str = "float32",
+                 device: str = "auto") -> tuple[subprocess.Popen, str, float]:
     """Launch `gemma-dist serve`; returns the process, its target, and seconds to the first token."""
     port = free_port()
     launched = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--tp", str(tp)],
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--tp", str(tp),
+                             "--model", model, "--dtype", dtype, "--device", device],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     target = f"127.0.0.1:{port}"
     from gemma_dist.client import Client
@@ -104,22 +128,38 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--tp", default="1,2", help="tensor-parallel sizes to serve")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--model", default="default", help="checkpoint to serve (default: the real Gemma 3 270M)")
+    parser.add_argument("--random-1b", metavar="DIR", default=None,
+                        help="build (once) and use a Gemma 3 1B-sized random-weight checkpoint in DIR")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
+    if args.random_1b:
+        args.model = str(random_gemma3_1b(Path(args.random_1b)))
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
 
-    llm = LLM(model="default", dtype="float32")
+    llm = LLM(model=args.model, dtype=args.dtype, device=device)
     work = prompts(args.clients, args.prompt_len, llm.config.vocab_size)
     llm.generate(work[:2], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     start = time.perf_counter()
     llm.generate(work, SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
     engine = len(work) * args.output_len / (time.perf_counter() - start)
     del llm
+    if device == "cuda":  # hand the GPU memory to the next systems
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     print(f"  in-process engine: {engine:.1f} tok/s", file=sys.stderr)
-    theirs = None if args.skip_transformers else transformers_throughput(work, args.output_len)
+    model_dir = None if args.model == "default" else args.model
+    theirs = None if args.skip_transformers else transformers_throughput(
+        work, args.output_len, model_dir, getattr(torch, args.dtype), device)
     if theirs:
         print(f"  transformers: {theirs:.1f} tok/s", file=sys.stderr)
     served = {}
     for tp in (int(t) for t in args.tp.split(",")):
-        proc, target, cold = start_server(tp)
+        proc, target, cold = start_server(tp, args.model, args.dtype, device)
         try:
             served[tp] = {**run_clients(target, work, args.output_len), "cold": cold}
         finally:
@@ -127,7 +167,10 @@ def main() -> int:
         print(f"  served tp={tp}: {served[tp]}", file=sys.stderr)
 
     label = f"{args.clients} concurrent x ({args.prompt_len} prompt + {args.output_len} output)"
-    print(f"\nGemma 3 270M, fp32, {os.cpu_count()} CPUs, torch {torch.__version__}; {label}, greedy\n")
+    name = "Gemma 3 270M" if args.model == "default" else ("Gemma 3 1B-sized (random weights)"
+                                                            if args.random_1b else args.model)
+    hardware = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPUs"
+    print(f"\n{name}, {args.dtype}, {hardware}, torch {torch.__version__}; {label}, greedy\n")
     print(f"| {'system':<34} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
           f"{'TPOT p99':>8} | {'cold start':>10} |")
     print(f"|{'-' * 36}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 12}|")
