@@ -78,7 +78,7 @@ def xla_kv_budget(budget: float) -> int:
 
     try:
         total = xm.get_memory_info(init_xla())["bytes_limit"] * device_count()
-    except (RuntimeError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001 - backends without memory stats (XLA:CPU) raise various errors
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(total * budget)
 
@@ -118,7 +118,7 @@ class XlaModelRunner:
         import torch_xla
 
         torch_xla.sync()
-        self.warmed_up = False
+        self.warmed_shapes: set[GraphShape] = set()
 
     @classmethod
     def from_checkpoint(cls, checkpoint, dtype: str, tp: int | None, config, tokenizer_vocab: int,
@@ -178,11 +178,11 @@ class XlaModelRunner:
         before, start = compile_count(), time.perf_counter()
         shapes = self.buckets.graph_shapes()
         for shape in shapes:
-            self._run(self._dummy_call(shape))
+            self._run(_PaddedCall(shape, self.block_size, self.scratch_block))
         compiled = compile_count() - before
         log.info("XLA warm-up: %d shapes, %d graphs compiled in %.1fs", len(shapes), compiled,
                  time.perf_counter() - start)
-        self.warmed_up = True
+        self.warmed_shapes = set(shapes)
         return compiled
 
     # ------------------------------------------------------------------ steps
@@ -253,28 +253,19 @@ class XlaModelRunner:
             shape = self.buckets.decode_shape(len(steps), blocks)
         else:
             shape = self.buckets.prefill_shape(len(steps[0].token_ids), blocks)
-        if self.warmed_up:
-            log.debug("XLA call %s", shape)
-        call = _PaddedCall.empty(shape, bs, self.scratch_block)
+        if self.warmed_shapes and shape not in self.warmed_shapes:
+            log.warning("XLA: %s was not warmed up; this call compiles a new graph", shape)
+        call = _PaddedCall(shape, bs, self.scratch_block)
         for row, step in enumerate(steps):
             call.fill_row(row, step, self.model.config.sliding_window)
         call.real_rows = len(steps)
         return call
 
-    def _dummy_call(self, shape: GraphShape) -> "_PaddedCall":
-        """A call of `shape` whose every row is padding (warm-up)."""
-        call = _PaddedCall.empty(shape, self.block_size, self.scratch_block)
-        call.real_rows = 0
-        return call
-
-    def kv_bytes_per_token(self) -> int:
-        """K/V bytes per token over all devices."""
-        return kv_bytes_per_token(self.model, next(self.model.parameters()).dtype)
-
 
 class _PaddedCall:
     """Host tensors of one padded call (R rows x Q query tokens, NB blocks of BS per row).
 
+    A new call is all padding (warm-up uses it as is); `fill_row` writes the real rows.
     Padding rows/tokens sit at position 0 of the scratch block: their K/V land there, their
     queries see only scratch key 0 (so softmax stays finite), and their outputs are dropped.
     """
@@ -292,11 +283,6 @@ class _PaddedCall:
         self.causal = (key_pos == 0).expand(r, q, -1).clone()  # (R, Q, NB*BS)
         self.windowed = self.causal.clone()
         self.last = torch.arange(r, dtype=torch.int64) * q  # (R,) flat index of each row's last token
-
-    @classmethod
-    def empty(cls, shape: GraphShape, block_size: int, scratch_block: int) -> "_PaddedCall":
-        """All rows padding."""
-        return cls(shape, block_size, scratch_block)
 
     def fill_row(self, row: int, step: StepInput, window: int | None) -> None:
         """Write one sequence's new tokens, slots, block table and masks into row `row`."""

@@ -11,6 +11,8 @@ Hq / Hkv = this rank's query / key-value heads, D = head_dim.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -20,6 +22,13 @@ from gemma_dist.model.layers import (
     ColumnParallelLinear, ParallelContext, RMSNorm, RowParallelLinear, ShardSpec,
     VocabParallelEmbedding, apply_rope, gelu_tanh, paged_attention, rope_cos_sin, split_evenly,
 )
+
+
+@functools.lru_cache(maxsize=None)
+def _embedding_scale(hidden_size: int, dtype: torch.dtype) -> float:
+    """sqrt(hidden) rounded to the activation dtype, as the reference does; a Python float, so
+    the forward creates no tensor from host data (CUDA graph capture forbids that copy)."""
+    return float(torch.tensor(hidden_size ** 0.5, dtype=dtype))
 
 
 class GemmaAttention(nn.Module):
@@ -141,8 +150,7 @@ class GemmaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """(T,) ids and positions → (T, H) final-normed hidden states; writes the new K/V."""
         x = self.embed(input_ids)
-        # sqrt(hidden) rounded to the activation dtype, as the reference does.
-        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype, device=x.device)
+        x = x * _embedding_scale(self.config.hidden_size, x.dtype)
         ropes = self._rope_tables(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_cache):
             x = layer(x, ropes[layer.kind], cache, meta)
