@@ -83,6 +83,15 @@ def xla_kv_budget(budget: float) -> int:
     return int(total * budget)
 
 
+def default_tp(config, devices: int) -> int:
+    """The most devices (a divisor of `devices`) the model's heads and MLP split evenly over;
+    the rest of the mesh holds copies (e.g. Gemma 3 270M's 4 heads on an 8-chip host: tp 4 x 2)."""
+    def splits(tp: int) -> bool:
+        kv_ok = config.num_kv_heads % tp == 0 or tp % config.num_kv_heads == 0
+        return config.num_heads % tp == 0 and config.intermediate_size % tp == 0 and kv_ok
+    return max(tp for tp in range(1, devices + 1) if devices % tp == 0 and splits(tp))
+
+
 def spmd_context(tp: int) -> ParallelContext:
     """The parallel context of an SPMD model sharded `tp` ways."""
     return ParallelContext(rank=0, size=tp, spmd=True)
@@ -123,12 +132,12 @@ class XlaModelRunner:
     @classmethod
     def from_checkpoint(cls, checkpoint, dtype: str, tp: int | None, config, tokenizer_vocab: int,
                         warm_up: bool = True) -> "XlaModelRunner":
-        """Load `checkpoint` sharded over `tp` devices (default: all), size the KV cache from
+        """Load `checkpoint` sharded over `tp` devices (default: `default_tp`), size the KV cache from
         config.kv_cache_memory, and compile every bucketed shape (config: an EngineConfig)."""
         from gemma_dist.model.loading import load_model
 
         init_xla()
-        tp = tp or device_count()
+        tp = tp or default_tp(checkpoint.config, device_count())
         model = load_model(checkpoint, dtype, "cpu", spmd_context(tp))
         max_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN, model.config.max_position_embeddings)
         buckets = ShapeBuckets.for_limits(config.max_num_seqs, config.max_num_batched_tokens, max_len,

@@ -77,3 +77,15 @@ def test_graph_count_is_bounded():
     assert len(decode) == len(b.batch_sizes) * len(b.context_blocks)
     assert len(shapes) <= len(decode) + len(b.chunk_lengths) * len(b.context_blocks)
     assert GraphShape(1, 512, 32) in shapes and GraphShape(1, 512, 16) not in shapes  # 512 tokens need 32 blocks
+
+
+def test_default_xla_tp_is_the_largest_even_split_of_the_devices():
+    from gemma_dist.config import get_variant
+    from gemma_dist.engine.xla_runner import default_tp
+
+    tiny = get_variant("gemma-3-270m")  # 4 query heads, 1 KV head
+    assert default_tp(tiny, 8) == 4  # 8 chips: 4-way shards, 2 copies
+    assert default_tp(tiny, 4) == 4
+    assert default_tp(tiny, 6) == 2
+    assert default_tp(get_variant("gemma-2-9b"), 8) == 8  # 16 heads, 8 KV heads
+    assert default_tp(get_variant("gemma-2-9b"), 1) == 1
