@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Sequence
 
+from gemma_dist.runtime import ReplicaFailure
+
 DEVICES = ["auto", "cpu", "cuda", "xla"]
 
 
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks per replica; with --device xla, TPU hosts per replica "
                             "(one actor per host shards the model over all its chips)")
+    serve.add_argument("--placement-timeout", type=float, default=600.0,
+                       help="seconds to wait for the cluster to fit a replica (its GPUs / TPU hosts) before failing")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output per request (default: the model's context; 4096 on xla, "
                             "where each doubling adds compiled graphs)")
@@ -106,6 +110,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--queue-timeout must be > 0, got {args.queue_timeout:g}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if not args.placement_timeout > 0:
+        raise ValueError(f"--placement-timeout must be > 0, got {args.placement_timeout:g}")
     if args.threads_per_worker < 0:
         raise ValueError(f"--threads-per-worker must be >= 0, got {args.threads_per_worker}")
 
@@ -198,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # bad sampling values, bad model path: one clear line
         print(f"gemma-dist: error: {e}", file=sys.stderr)
         return 2
+    except ReplicaFailure as e:  # e.g. --device cuda on a cluster without GPUs
+        print(f"gemma-dist: error: {e}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -93,12 +93,15 @@ class RayReplica:
 
     def __init__(self, model: str, dtype: str | None, variant: str | None, tp: int, config: EngineConfig,
                  cpus_per_actor: float = 0.01, threads_per_worker: int = 1, name: str | None = None,
-                 step_timeout: float = 120.0, device: str = "cpu"):
+                 step_timeout: float = 120.0, device: str = "cpu", placement_timeout: float = 600.0):
         """tp: shard workers (tensor-parallel ranks; with device "xla", hosts of the slice, one
-        actor per host owning all its chips). dtype None: the device's default."""
+        actor per host owning all its chips). dtype None: the device's default.
+        placement_timeout: seconds to wait for the cluster to fit the replica (GPUs, TPU hosts)
+        before failing with the resources it asked for (an autoscaler may add nodes meanwhile)."""
         self.name = name or f"replica-{next(self._names)}"
         self.tp = tp
         self.device = device
+        self.placement_timeout = placement_timeout
         self._spec = (model, dtype, variant, config, cpus_per_actor, threads_per_worker, step_timeout)
         self._in_flight = 0
         self._ready = False
@@ -113,8 +116,17 @@ class RayReplica:
         worker_bundle = {"CPU": cpus, **accelerator_bundle(self.device, nodes)}
         # XLA hosts of one slice go one per node; torch.distributed ranks pack onto few nodes.
         strategy = "SPREAD" if self.device == "xla" and self.tp > 1 else "PACK"
-        self.placement = placement_group([worker_bundle] * self.tp + [{"CPU": cpus}], strategy=strategy)
-        ray.get(self.placement.ready())
+        bundles = [worker_bundle] * self.tp + [{"CPU": cpus}]
+        self.placement = placement_group(bundles, strategy=strategy)
+        try:
+            ray.get(self.placement.ready(), timeout=self.placement_timeout)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.placement)
+            self.placement = None
+            raise ReplicaFailure(
+                f"{self.name}: the Ray cluster could not fit {self.tp} shard worker(s) of {worker_bundle} "
+                f"({strategy}) within {self.placement_timeout:g}s; cluster resources: "
+                f"{ray.cluster_resources()}") from None
         actor = ray.remote(max_restarts=0)(ShardWorker)
         gpus = worker_bundle.get("GPU", 0)
         self.workers = [actor.options(num_cpus=cpus, num_gpus=gpus, resources=_custom(worker_bundle),

@@ -61,3 +61,15 @@ def test_engine_errors_cross_the_ray_boundary_as_value_errors(tp2_replica):
         asyncio.run(bad())
     stats = tp2_replica.stats()
     assert (stats.running, stats.waiting) == (0, 0)
+
+
+def test_a_replica_the_cluster_cannot_fit_fails_fast_naming_the_resources(ray_cluster):
+    """--device cuda on a cluster without GPUs: a clear error, not a replica pending forever."""
+    from gemma_dist.runtime import ReplicaFailure
+
+    before = len(ray.util.placement_group_table())
+    with pytest.raises(ReplicaFailure, match=r"could not fit 1 shard worker\(s\) of .*'GPU': 1"):
+        RayReplica("default", None, None, tp=1, config=EngineConfig(kv_cache_memory=64 << 20),
+                   device="cuda", placement_timeout=2)
+    states = [pg["state"] for pg in ray.util.placement_group_table().values()]
+    assert len(states) >= before and states.count("PENDING") == 0  # its placement group was removed
