@@ -43,42 +43,54 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def random_gemma3_1b(directory: Path) -> Path:
-    """A Gemma 3 1B-sized checkpoint with random weights (HF layout + the real tokenizer), for
-    measuring speed where the real 1B weights cannot be downloaded. Built once per directory."""
+def random_gemma3_1b(directory: Path, tokenizer: Path | None = None, device: str = "cpu") -> Path:
+    """A Gemma 3 1B-sized checkpoint with random weights (HF layout + a real tokenizer.model:
+    `tokenizer`, default the default model's), for measuring speed where the real 1B weights
+    cannot be downloaded. Built once per directory, in bf16 on `device`."""
     import shutil
 
     import transformers
 
-    from gemma_dist.model.loading.default_model import default_model_dir
-
     if (directory / "config.json").exists():
         return directory
+    if tokenizer is None:
+        from gemma_dist.model.loading.default_model import default_model_dir
+
+        tokenizer = default_model_dir() / "tokenizer.model"
+    if not Path(tokenizer).is_file():  # fail before spending a minute building weights
+        raise FileNotFoundError(f"{tokenizer}: tokenizer.model not found (pass --tokenizer)")
     config = transformers.Gemma3TextConfig(
         vocab_size=262_144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
         num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
         max_position_embeddings=32_768, pad_token_id=0, bos_token_id=2, eos_token_id=1)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
-    shutil.copy(default_model_dir() / "tokenizer.model", directory / "tokenizer.model")
+    shutil.copy(tokenizer, directory / "tokenizer.model")
     return directory
 
 
 def start_server(tp: int, model: str = "default", dtype: str = "float32",
                  device: str = "auto") -> tuple[subprocess.Popen, str, float]:
     """Launch `gemma-dist serve`; returns the process, its target, and seconds to the first token."""
-    port = free_port()
-    launched = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--tp", str(tp),
-                             "--model", model, "--dtype", dtype, "--device", device],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    target = f"127.0.0.1:{port}"
     from gemma_dist.client import Client
 
+    port = free_port()
+    launched = time.perf_counter()
+    log_path = Path(os.environ.get("OUT", "/tmp")) / f"bench_serve_tp{tp}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--tp", str(tp),
+                             "--model", model, "--dtype", dtype, "--device", device, "--placement-timeout", "60",
+                             "--metrics-port", "0"],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    target = f"127.0.0.1:{port}"
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"gemma-dist serve exited with {proc.returncode}")
+            raise RuntimeError(f"gemma-dist serve exited with {proc.returncode}; log: {log_path}")
+        if time.perf_counter() - launched > 300:
+            proc.kill()
+            raise RuntimeError(f"gemma-dist serve did not answer within 300 s; log: {log_path}")
         try:
             with Client(target, timeout=5) as client:
                 next(iter(client.generate_stream("Hello", temperature=0, max_tokens=1)))
@@ -126,7 +138,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--tp", default="1,2", help="tensor-parallel sizes to serve")
+    parser.add_argument("--tp", default="1,2", help="tensor-parallel sizes to serve ('none': in-process only)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model for --random-1b (default: the default "
+                                                          "model's)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--model", default="default", help="checkpoint to serve (default: the real Gemma 3 270M)")
     parser.add_argument("--random-1b", metavar="DIR", default=None,
@@ -134,10 +148,16 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
-    if args.random_1b:
-        args.model = str(random_gemma3_1b(Path(args.random_1b)))
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
+    if args.random_1b:
+        args.model = str(random_gemma3_1b(Path(args.random_1b), Path(args.tokenizer) if args.tokenizer else None, device))
+    import importlib.util
+
+    serve_tps = [] if args.tp == "none" else [int(t) for t in args.tp.split(",")]
+    if serve_tps and importlib.util.find_spec("ray") is None:
+        print("  ray is not installed: measuring the in-process engine only", file=sys.stderr)
+        serve_tps = []
 
     llm = LLM(model=args.model, dtype=args.dtype, device=device)
     work = prompts(args.clients, args.prompt_len, llm.config.vocab_size)
@@ -158,7 +178,7 @@ def main() -> int:
     if theirs:
         print(f"  transformers: {theirs:.1f} tok/s", file=sys.stderr)
     served = {}
-    for tp in (int(t) for t in args.tp.split(",")):
+    for tp in serve_tps:
         proc, target, cold = start_server(tp, args.model, args.dtype, device)
         try:
             served[tp] = {**run_clients(target, work, args.output_len), "cold": cold}

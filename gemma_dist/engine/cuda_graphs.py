@@ -66,24 +66,26 @@ class DecodeGraphs:
 
     def _fill(self, steps, batch: int) -> None:
         """Copy the step into the static buffers; rows n..batch become scratch padding."""
-        n, bs = len(steps), self.block_size
+        bs = self.block_size
+        # Only the columns some row reads are copied: the kernel reads a row's table up to its
+        # position's block, so stale entries further right are never touched.
+        width = max((s.num_cached // bs + 1 for s in steps), default=1)
         ids = torch.zeros(batch, dtype=torch.int64)
         positions = torch.zeros(batch, dtype=torch.int64)
         slots = torch.full((batch,), self.scratch_block * bs, dtype=torch.int64)
-        tables = torch.full((batch, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        tables = torch.full((batch, width), self.scratch_block, dtype=torch.int32)
         for row, step in enumerate(steps):
             pos = step.num_cached
             ids[row] = step.token_ids[0]
             positions[row] = pos
             slots[row] = step.block_table[pos // bs] * bs + pos % bs
-            used = min(len(step.block_table), self.max_blocks)
+            used = min(len(step.block_table), width)
             tables[row, :used] = torch.tensor(step.block_table[:used], dtype=torch.int32)
-        assert n <= batch
         self.ids[:batch].copy_(ids, non_blocking=True)
         self.positions[:batch].copy_(positions, non_blocking=True)
         self.positions32[:batch].copy_(positions.to(torch.int32), non_blocking=True)
         self.slots[:batch].copy_(slots, non_blocking=True)
-        self.tables[:batch].copy_(tables, non_blocking=True)
+        self.tables[:batch, :width].copy_(tables, non_blocking=True)
 
     def _forward(self, batch: int) -> torch.Tensor:
         """The decode step over the first `batch` rows of the static buffers → (batch, vocab) logits."""

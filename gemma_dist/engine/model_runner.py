@@ -36,7 +36,11 @@ def kv_bytes_per_token(model: GemmaForCausalLM, dtype: torch.dtype) -> int:
 
 def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingRow],
                 vocab_limit: int | None) -> SampleResult:
-    """Sample one token per row of logits (S, vocab); ids >= vocab_limit are never chosen."""
+    """Sample one token per row of logits (S, vocab); ids >= vocab_limit are never chosen.
+    The sampler runs on the host (its generators and buffers are CPU ones): device logits
+    are copied over first."""
+    if logits.device.type != "cpu":
+        logits = logits.float().cpu()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits[:, vocab_limit:] = float("-inf")
     return sampler(logits, list(rows))
@@ -61,8 +65,11 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.attention = _resolve_attention(attention, self.device, block_size)
         on_cuda = self.device.type == "cuda"
+        if on_cuda:  # Triton launches and graph capture use the current device
+            torch.cuda.set_device(self.device)
         if decode_graphs is None:
-            decode_graphs = on_cuda and self.attention == "kernel"
+            # Capturing nccl collectives (tp > 1) is supported by torch but untested here: off by default.
+            decode_graphs = on_cuda and self.attention == "kernel" and not model.parallel.communicates
         if decode_graphs and self.attention != "kernel":
             raise ValueError("decode graphs need attention='kernel'")
         c = model.config
@@ -85,7 +92,8 @@ class ModelRunner:
         0) only take part in the step's collectives and return None."""
         rows = [i for i, s in enumerate(steps) if s.sampling is not None]
         if self.decode_graphs is not None and self.decode_graphs.fits(steps):
-            logits = self.decode_graphs.run(steps)[rows] if rows else None  # (S, vocab)
+            out = self.decode_graphs.run(steps)  # always: the step writes its K/V even if nothing samples
+            logits = out[rows] if rows else None  # (S, vocab)
         else:
             hidden, meta = self._forward(steps)
             if not rows:

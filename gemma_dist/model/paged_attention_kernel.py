@@ -21,7 +21,7 @@ import triton.language as tl
 from gemma_dist.model.attention import KernelInputs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "window"])  # step-dependent ints: no recompiles per value
 def _paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, seq_ptr, tables_ptr, pos_ptr,
                      stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh,
                      stride_bt, scale, softcap, window,
@@ -45,16 +45,18 @@ def _paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, seq_ptr, tables_ptr, pos_ptr,
     for blk in range(first // BLOCK_SIZE, pos // BLOCK_SIZE + 1):
         physical = tl.load(tables_ptr + seq * stride_bt + blk).to(tl.int64)
         rows = physical * stride_kb + offsets[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        k = tl.load(k_ptr + rows, mask=d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_SIZE, BLOCK_D)
+        key_pos = blk * BLOCK_SIZE + offsets
+        valid = (key_pos <= pos) & (key_pos >= first)  # causal and inside the window
+        load_mask = valid[:, None] & d_ok[None, :]  # keys it may not see are never read
+        k = tl.load(k_ptr + rows, mask=load_mask, other=0.0).to(tl.float32)  # (BLOCK_SIZE, BLOCK_D)
         scores = tl.sum(k * q[None, :], axis=1) * scale  # (BLOCK_SIZE,)
         if USE_SOFTCAP:
             scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)  # softcap * tanh(s / softcap)
-        key_pos = blk * BLOCK_SIZE + offsets
-        scores = tl.where((key_pos <= pos) & (key_pos >= first), scores, -float("inf"))
+        scores = tl.where(valid, scores, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         p = tl.exp(scores - m_new)
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_ptr + rows, mask=d_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + rows, mask=load_mask, other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new

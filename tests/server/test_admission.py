@@ -16,8 +16,8 @@ from tests.server.harness import running_gateway
 LONG = [2] + [1000 + (i * 37) % 5000 for i in range(3000)]  # seconds of prefill on this CPU
 
 
-def replica(llm):
-    return LocalReplica("r0", LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=256 << 20,
+def replica(llm, kv_bytes: int = 256 << 20):
+    return LocalReplica("r0", LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=kv_bytes,
                                                                               max_num_batched_tokens=512)))
 
 
@@ -50,11 +50,14 @@ def test_full_queue_fails_fast_and_queued_requests_complete(default_llm):
 
 
 def test_queue_timeout_is_unavailable(default_llm):
-    rep = replica(default_llm)
-    with running_gateway([rep], default_llm, queue_timeout=1.0) as server:
+    # 10,000 prompt tokens take well over the 3 s queue timeout to prefill on this CPU, while the
+    # short request afterwards has 3 s of headroom even on a loaded machine.
+    longer = [2] + [1000 + (i * 37) % 5000 for i in range(10_000)]
+    rep = replica(default_llm, kv_bytes=512 << 20)  # room for the 10,000 tokens
+    with running_gateway([rep], default_llm, queue_timeout=3.0) as server:
         with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
             with pytest.raises(grpc.RpcError) as info:
-                client.generate(LONG, max_tokens=2)
+                client.generate(longer, max_tokens=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "queue-timeout" in info.value.details()
             assert wait_idle(rep).running == 0
             assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
