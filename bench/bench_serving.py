@@ -17,7 +17,6 @@ import concurrent.futures
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time

@@ -3,6 +3,7 @@ minimal forward driver over the paged KV cache."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -71,3 +72,10 @@ def forward_chunks(model, kv_cache, block_table: list[int], token_ids: list[int]
         hidden = model(torch.tensor(piece), positions_of([len(piece)], [start]), kv_cache, meta)
         outs.append(model.compute_logits(hidden))
     return torch.cat(outs)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (servers under test bind it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 
 log = logging.getLogger("gemma_dist.serve")

@@ -13,7 +13,6 @@ import copy
 import json
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from concurrent import futures
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from gemma_dist.cli import build_parser, main
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -459,12 +459,6 @@ def test_one_ray_version_everywhere():
 
 
 # ---- deploy/healthcheck.py ----------------------------------------------------------------------
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_healthcheck(*argv: str) -> int:

@@ -7,7 +7,6 @@ when there are fewer than ranks); gathered logits must match the single-rank mod
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -17,15 +16,9 @@ import torch.multiprocessing as mp
 from gemma_dist.model.attention import allocate_kv_cache
 from gemma_dist.model.layers import ParallelContext
 from gemma_dist.model.loading import load_model, open_checkpoint
-from tests.helpers import forward_chunks, make_tiny_hf_checkpoint
+from tests.helpers import forward_chunks, free_port, make_tiny_hf_checkpoint
 
 TOKENS = [2, 17, 300, 45, 99, 8, 411, 23, 7, 250, 61, 5, 333, 12, 90, 41, 77, 3, 150, 201, 19, 88, 64]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, model_path: str, tokens: list[int], results):

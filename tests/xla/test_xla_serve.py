@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,13 @@ pytest.importorskip("torch_xla", reason="torch_xla is installed only in the XLA 
 pytest.importorskip("grpc")
 pytest.importorskip("ray")
 
+from tests.helpers import free_port  # noqa: E402
+
 pytestmark = pytest.mark.xla
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = json.loads((ROOT / "tests" / "data" / "gemma3_270m_greedy.json").read_text())
 CASE = next(c for c in GOLDEN["cases"] if c["kind"] == "prose")
 TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_on_xla_answers_grpc_with_the_reference_tokens():
