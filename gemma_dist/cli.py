@@ -8,9 +8,20 @@ import sys
 import time
 from typing import Sequence
 
+from gemma_dist.config import default_dtype
 from gemma_dist.runtime import ReplicaFailure
 
 DEVICES = ["auto", "cpu", "cuda", "xla"]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, device_help: str) -> None:
+    """--model, --variant, --dtype and --device: which checkpoint runs, in what precision, where."""
+    parser.add_argument("--model", default="default",
+                        help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
+    parser.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights and activations (default: bfloat16 on cuda/xla, float32 on cpu)")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help=device_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,14 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-dist", description="Serve and run Google's Gemma models.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC server on a model")
-    serve.add_argument("--model", default="default",
-                       help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
-    serve.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
-    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                       help="weights and activations (default: bfloat16 on cuda/xla, float32 on cpu)")
-    serve.add_argument("--device", default="auto", choices=DEVICES,
-                       help="where shard workers run: cpu, cuda (nccl), xla (TPU via torch_xla SPMD); "
-                            "auto = cuda when available, else cpu")
+    add_model_arguments(serve, device_help="where shard workers run: cpu, cuda (nccl), xla (TPU via torch_xla "
+                                           "SPMD); auto = cuda when available, else cpu")
     serve.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks per replica; with --device xla, TPU hosts per replica "
                             "(one actor per host shards the model over all its chips)")
@@ -70,13 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive (with a server)")
     gen.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect over TLS")
     gen.add_argument("--auth-token-file", default=None, help="file holding the server's bearer token")
-    gen.add_argument("--model", default="default",
-                     help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
-    gen.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
-    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="weights and activations (default: bfloat16 on cuda/xla, float32 on cpu)")
-    gen.add_argument("--device", default="auto", choices=DEVICES,
-                     help="where --local runs the model: cpu, cuda, xla; auto = cuda when available")
+    add_model_arguments(gen, device_help="where --local runs the model: cpu, cuda, xla; auto = cuda when available")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Gemma chat template")
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=64)
@@ -120,7 +119,7 @@ def serve_settings(args: argparse.Namespace) -> dict:
     """The `serve` settings as plain values, with the default dtype resolved where the device is known."""
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "dry_run")}
     if settings["dtype"] is None and args.device != "auto":  # auto: decided once the device is found
-        settings["dtype"] = "float32" if args.device == "cpu" else "bfloat16"
+        settings["dtype"] = default_dtype(args.device)
     return settings
 
 

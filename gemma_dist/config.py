@@ -32,6 +32,11 @@ class Family(str, enum.Enum):
     GEMMA3 = "gemma3"
 
 
+def default_dtype(device: str) -> str:
+    """bfloat16 on accelerators (their fast dtype), float32 on CPU (bf16 matmuls are slow there)."""
+    return "float32" if device == "cpu" else "bfloat16"
+
+
 def layer_pattern(num_layers: int, local_per_global: int) -> tuple[AttentionKind, ...]:
     """Repeat `local_per_global` LOCAL layers then one GLOBAL layer (0 → all GLOBAL).
 

@@ -24,6 +24,7 @@ from typing import AsyncIterator, Mapping, Sequence as Seq
 
 import torch
 
+from gemma_dist.config import default_dtype
 from gemma_dist.engine.block_manager import BlockManager
 from gemma_dist.engine.model_runner import ModelRunner, StepInput, kv_bytes_per_token
 from gemma_dist.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -63,11 +64,6 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda", "xla") and not device.startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu, cuda or xla; got {device!r}")
     return device
-
-
-def default_dtype(device: str) -> str:
-    """bfloat16 on accelerators (their fast dtype), float32 on CPU (bf16 matmuls are slow there)."""
-    return "float32" if device == "cpu" else "bfloat16"
 
 
 def kv_cache_bytes(budget: float, device: torch.device) -> int:

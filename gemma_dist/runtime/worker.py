@@ -30,7 +30,8 @@ class ShardWorker:
 
     def __init__(self, rank: int, world: int, model: str, dtype: str | None, variant: str | None, num_threads: int,
                  device: str = "auto"):
-        from gemma_dist.engine.llm_engine import default_dtype, resolve_device
+        from gemma_dist.config import default_dtype
+        from gemma_dist.engine.llm_engine import resolve_device
 
         self.rank, self.world = rank, world
         self.device = resolve_device(device)  # on this actor's node: "auto" finds its GPU

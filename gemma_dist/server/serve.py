@@ -36,7 +36,8 @@ def cluster_device(device: str, resources: dict) -> str:
 async def _serve(args: argparse.Namespace) -> int:
     import ray
 
-    from gemma_dist.engine.llm_engine import EngineConfig, default_dtype
+    from gemma_dist.config import default_dtype
+    from gemma_dist.engine.llm_engine import EngineConfig
     from gemma_dist.engine.xla_runner import DEFAULT_MAX_MODEL_LEN
     from gemma_dist.model.loading import open_checkpoint
     from gemma_dist.runtime.replica import RayReplica
