@@ -299,11 +299,19 @@ def test_cache_pressure_preempts_the_newest_running_sequence():
     assert step.ids == ["r0", "r1"]
 
 
-def test_preempted_sequence_resumes_by_recomputing_prompt_and_output():
-    engine = SimEngine(num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+def three_sequences_until_one_is_preempted(max_num_seqs: int, max_num_batched_tokens: int):
+    """Three 8-token prompts (12 output tokens each) in 12 blocks of 4, stepped until the cache
+    runs out and the newest is preempted; returns (engine, seqs)."""
+    engine = SimEngine(num_blocks=12, block_size=4, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens)
     seqs = [engine.add(make_seq(f"r{i}", 8, max_tokens=12)) for i in range(3)]
     while not engine.step().plan.preempted:
         pass
+    return engine, seqs
+
+
+def test_preempted_sequence_resumes_by_recomputing_prompt_and_output():
+    engine, seqs = three_sequences_until_one_is_preempted(max_num_seqs=4, max_num_batched_tokens=64)
     victim = seqs[-1]
     tokens_at_preemption = victim.num_tokens
     while True:
@@ -322,10 +330,7 @@ def test_preempted_sequence_resumes_by_recomputing_prompt_and_output():
 
 
 def test_resume_with_small_budget_recomputes_in_chunks_sampling_once():
-    engine = SimEngine(num_blocks=12, block_size=4, max_num_seqs=3, max_num_batched_tokens=8)
-    seqs = [engine.add(make_seq(f"r{i}", 8, max_tokens=12)) for i in range(3)]
-    while not engine.step().plan.preempted:
-        pass
+    engine, seqs = three_sequences_until_one_is_preempted(max_num_seqs=3, max_num_batched_tokens=8)
     victim = seqs[-1]
     tokens_at_preemption = victim.num_tokens
     resume_chunks = []
@@ -412,10 +417,7 @@ def test_abort_unknown_or_finished_request_returns_none():
 
 
 def test_abort_a_preempted_sequence_waiting_to_resume():
-    engine = SimEngine(num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
-    seqs = [engine.add(make_seq(f"r{i}", 8, max_tokens=12)) for i in range(3)]
-    while not engine.step().plan.preempted:
-        pass
+    engine, seqs = three_sequences_until_one_is_preempted(max_num_seqs=4, max_num_batched_tokens=64)
     assert engine.scheduler.abort("r2") is seqs[2]
     assert seqs[2].finish_reason is FinishReason.ABORTED
     engine.run()
