@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_engine import prompts  # noqa: E402
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from gemma_dist.engine.xla_runner import XlaModelRunner, compile_count, device_count  # noqa: E402
+from gemma_dist.engine.xla_runner import compile_count, device_count  # noqa: E402
 from gemma_dist.model.loading import load_model, open_checkpoint  # noqa: E402
 from gemma_dist.sampling import SamplingParams  # noqa: E402
 
@@ -62,12 +62,11 @@ def main() -> int:
     for tp in (int(t) for t in args.tp.split(",")):
         before = compile_count()
         start = time.perf_counter()
-        runner = XlaModelRunner.from_checkpoint(checkpoint, "float32", tp, config, tokenizer.vocab_size)
+        engine = LLMEngine.on_xla(checkpoint, tokenizer, "float32", tp, config)
         ready = time.perf_counter() - start
         warmed = compile_count()
-        engine = LLMEngine.with_runner(checkpoint.config, tokenizer, config, runner, runner.num_blocks)
         tok_s, tokens = serve(engine, work, args.output_len)
-        rows.append((tp, len(runner.buckets.graph_shapes()), warmed - before, ready, compile_count() - warmed,
+        rows.append((tp, len(engine.runner.buckets.graph_shapes()), warmed - before, ready, compile_count() - warmed,
                      tok_s, tokens == eager_tokens))
     checkpoint.source.close()
     print(f"\nGemma 3 270M, fp32, XLA:CPU with {device_count()} virtual devices ({os.cpu_count()} cores), "

@@ -70,11 +70,23 @@ def kv_cache_bytes(budget: float, device: torch.device) -> int:
     """Bytes for the KV cache: `budget` bytes, or that fraction of the device's total memory."""
     if budget > 1:
         return int(budget)
+    return int(device_memory(device) * budget)
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of `device`: the GPU's; every XLA device's together where the backend reports
+    it (TPU); host memory otherwise (CPU, XLA:CPU)."""
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * budget)
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+        import torch_xla.runtime as xr
+
+        try:
+            return xm.get_memory_info(device)["bytes_limit"] * xr.global_runtime_device_count()
+        except Exception:  # noqa: BLE001 - backends without memory stats (XLA:CPU) raise various errors
+            pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclasses.dataclass
@@ -175,16 +187,23 @@ class LLMEngine:
         try:
             tokenizer = checkpoint.load_tokenizer()
             if device == "xla":
-                from gemma_dist.engine.xla_runner import XlaModelRunner
-
-                runner = XlaModelRunner.from_checkpoint(checkpoint, dtype, tp, config, tokenizer.vocab_size)
-                engine = cls.with_runner(checkpoint.config, tokenizer, config, runner, runner.num_blocks)
-                engine.model = runner.model
-                return engine
+                return cls.on_xla(checkpoint, tokenizer, dtype, tp, config)
             loaded = load_model(checkpoint, dtype, device)
         finally:
             checkpoint.source.close()
         return cls(loaded, tokenizer, config)
+
+    @classmethod
+    def on_xla(cls, checkpoint, tokenizer, dtype: str, tp: int | None, config: EngineConfig,
+               warm_up: bool = True) -> "LLMEngine":
+        """An engine whose steps run on XLA devices: `checkpoint` sharded over `tp` of them by
+        torch_xla SPMD (default: `xla_runner.default_tp`), every bucketed shape compiled first."""
+        from gemma_dist.engine.xla_runner import XlaModelRunner
+
+        runner = XlaModelRunner.from_checkpoint(checkpoint, dtype, tp, config, tokenizer.vocab_size, warm_up)
+        engine = cls.with_runner(checkpoint.config, tokenizer, config, runner, runner.num_blocks)
+        engine.model = runner.model
+        return engine
 
     # ------------------------------------------------------------------ requests
 

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from gemma_dist.engine.buckets import GraphShape, ShapeBuckets
+from gemma_dist.engine.llm_engine import kv_cache_bytes
 from gemma_dist.engine.model_runner import StepInput, kv_bytes_per_token, sample_rows
-from gemma_dist.model.attention import AttentionGroup, AttentionMetadata, KeyView
+from gemma_dist.model.attention import AttentionGroup, AttentionMetadata, KeyView, allocate_kv_cache
 from gemma_dist.model.gemma import GemmaForCausalLM
 from gemma_dist.model.layers import ParallelContext
 from gemma_dist.sampling import SampleResult, Sampler
@@ -67,20 +68,6 @@ def compile_count() -> int:
     data = met.metric_data("CompileTime")
     hits = met.counter_value("PersistentCacheHit") or 0
     return (data[0] if data else 0) + hits
-
-
-def xla_kv_budget(budget: float) -> int:
-    """KV bytes: `budget` bytes, or that fraction of the first device's memory (host memory
-    where the backend does not report it, e.g. XLA:CPU)."""
-    if budget > 1:
-        return int(budget)
-    import torch_xla.core.xla_model as xm
-
-    try:
-        total = xm.get_memory_info(init_xla())["bytes_limit"] * device_count()
-    except Exception:  # noqa: BLE001 - backends without memory stats (XLA:CPU) raise various errors
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * budget)
 
 
 def default_tp(config, devices: int) -> int:
@@ -143,7 +130,7 @@ class XlaModelRunner:
         buckets = ShapeBuckets.for_limits(config.max_num_seqs, config.max_num_batched_tokens, max_len,
                                           config.block_size)
         per_block = kv_bytes_per_token(model, next(model.parameters()).dtype) * config.block_size
-        num_blocks = int(xla_kv_budget(config.kv_cache_memory) // per_block)
+        num_blocks = kv_cache_bytes(config.kv_cache_memory, init_xla()) // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds no block of {per_block} bytes")
         runner = cls(model, num_blocks, buckets, Sampler(config.seed),
@@ -166,16 +153,13 @@ class XlaModelRunner:
 
     def _allocate_cache(self, xs, blocks: int):
         """Per layer (k, v): (blocks, block_size, kv heads, head_dim), heads split over the mesh."""
-        c, dtype = self.model.config, next(self.model.parameters()).dtype
-        shape = (blocks, self.block_size, self.model.num_kv_heads_per_rank, c.head_dim)
-        cache = []
-        for _ in range(c.num_layers):
-            pair = (torch.zeros(shape, dtype=dtype, device=self.device),
-                    torch.zeros(shape, dtype=dtype, device=self.device))
-            if self.tp > 1:
+        c = self.model.config
+        cache = allocate_kv_cache(c.num_layers, blocks, self.block_size, self.model.num_kv_heads_per_rank,
+                                  c.head_dim, next(self.model.parameters()).dtype, self.device)
+        if self.tp > 1:
+            for pair in cache:
                 for t in pair:
                     xs.mark_sharding(t, self.mesh, (None, None, "model", None))
-            cache.append(pair)
         return cache
 
     @torch.no_grad()  # torch_xla does not support inference tensors
@@ -234,10 +218,10 @@ class XlaModelRunner:
         import torch_xla
 
         d = self.device
+        tables = call.tables.to(d)  # both layer kinds read the same blocks, masked differently
         group = AttentionGroup(torch.arange(call.shape.rows * call.shape.query_len, device=d),
                                call.shape.rows, call.shape.query_len,
-                               KeyView(call.tables.to(d), call.causal.to(d)),
-                               KeyView(call.tables.to(d), call.windowed.to(d)))
+                               KeyView(tables, call.causal.to(d)), KeyView(tables, call.windowed.to(d)))
         last = call.last.to(d)
         meta = AttentionMetadata(call.slots.to(d), [group], None, last)
         hidden = self.model(call.ids.to(d), call.positions.to(d), self.kv_cache, meta)

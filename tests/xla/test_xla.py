@@ -61,10 +61,9 @@ def xla_engine(path, tp: int, config: EngineConfig, tokenizer, warm_up: bool = T
     """An engine whose steps run on the XLA devices, sharded `tp` ways."""
     checkpoint = open_checkpoint(path)
     try:
-        runner = XlaModelRunner.from_checkpoint(checkpoint, "float32", tp, config, tokenizer.vocab_size, warm_up)
+        return LLMEngine.on_xla(checkpoint, tokenizer, "float32", tp, config, warm_up)
     finally:
         checkpoint.source.close()
-    return LLMEngine.with_runner(checkpoint.config, tokenizer, config, runner, runner.num_blocks)
 
 
 def eager_engine(path, config: EngineConfig, tokenizer) -> LLMEngine:
