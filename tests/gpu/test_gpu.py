@@ -60,7 +60,7 @@ def test_kernel_equals_gather_path_on_cuda_bf16():
 
 def test_bf16_kernel_and_graphs_are_the_cuda_defaults(tiny_gemma3):
     from gemma_dist.config import default_dtype
-        from gemma_dist.engine.llm_engine import resolve_device
+    from gemma_dist.engine.llm_engine import resolve_device
     from gemma_dist.engine.model_runner import ModelRunner
     from gemma_dist.model.loading import load_model, open_checkpoint
 
