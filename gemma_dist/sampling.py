@@ -234,6 +234,7 @@ class SampleResult:
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+    runner_seconds: float = 0.0  # host time the runner spent on the step (set by the runner; for metrics)
 
 
 def make_generator(seed: int) -> torch.Generator:

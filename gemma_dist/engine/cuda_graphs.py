@@ -54,6 +54,33 @@ class DecodeGraphs:
         return (len(steps) <= self.batch_sizes[-1] and all(len(s.token_ids) == 1 for s in steps)
                 and all(math.ceil((s.num_cached + 1) / self.block_size) <= self.max_blocks for s in steps))
 
+    def fits_prepared(self, step) -> bool:
+        """`fits` for a step built by a persistent batch (gemma_dist.engine.persistent_batch)."""
+        n = len(step.num_cached)
+        return (n <= self.batch_sizes[-1] and step.input_ids.shape[0] == n
+                and max(step.num_cached) // self.block_size + 1 <= self.max_blocks)
+
+    def run_prepared(self, step) -> torch.Tensor:
+        """Logits (B, vocab) fp32 for a decode-only prepared step (see `fits_prepared`)."""
+        n = len(step.num_cached)
+        batch = pick(self.batch_sizes, n, "decode batch")
+        bs = self.block_size
+        positions = torch.tensor(step.num_cached, dtype=torch.int64)
+        width = int(positions.max()) // bs + 1
+        ids = torch.zeros(batch, dtype=torch.int64)
+        ids[:n] = step.input_ids.to("cpu", non_blocking=True)
+        padded_positions = torch.zeros(batch, dtype=torch.int64)
+        padded_positions[:n] = positions
+        slots = torch.full((batch,), self.scratch_block * bs, dtype=torch.int64)
+        slots[:n] = step.tables[torch.arange(n), positions // bs] * bs + positions % bs  # host-side: no sync
+        tables = torch.full((batch, width), self.scratch_block, dtype=torch.int32)
+        tables[:n] = step.tables[:, :width].to(torch.int32)
+        self._copy_in(ids, padded_positions, slots, tables, batch, width)
+        if self.capture:
+            self._graphs[batch].replay()
+            return self._outputs[batch][:n]
+        return self._forward(batch)[:n]
+
     def run(self, steps) -> torch.Tensor:
         """Logits (len(steps), vocab) fp32 for a decode-only step (see `fits`)."""
         n = len(steps)
@@ -81,6 +108,10 @@ class DecodeGraphs:
             slots[row] = step.block_table[pos // bs] * bs + pos % bs
             used = min(len(step.block_table), width)
             tables[row, :used] = torch.tensor(step.block_table[:used], dtype=torch.int32)
+        self._copy_in(ids, positions, slots, tables, batch, width)
+
+    def _copy_in(self, ids, positions, slots, tables, batch: int, width: int) -> None:
+        """Host tensors of one step → the static device buffers (rows past the step: padding)."""
         self.ids[:batch].copy_(ids, non_blocking=True)
         self.positions[:batch].copy_(positions, non_blocking=True)
         self.positions32[:batch].copy_(positions.to(torch.int32), non_blocking=True)

@@ -20,16 +20,18 @@ import os
 import queue
 import threading
 import time
-from typing import AsyncIterator, Mapping, Sequence as Seq
+from typing import AsyncIterator, Callable, Mapping, Sequence as Seq
 
 import torch
 
 from gemma_dist.config import default_dtype
 from gemma_dist.engine.block_manager import BlockManager
-from gemma_dist.engine.model_runner import ModelRunner, StepInput, kv_bytes_per_token
+from gemma_dist.engine.model_runner import ModelRunner, kv_bytes_per_token
+from gemma_dist.engine.persistent_batch import PlanRunner
 from gemma_dist.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gemma_dist.engine.sequence import FinishReason, Sequence, find_stop_string, finish_on_token
-from gemma_dist.sampling import Sampler, SamplingParams, SamplingRow, TokenLogprob, make_generator
+from gemma_dist.engine.step_plan import NewRequest, SlotAllocator, StepPlan
+from gemma_dist.sampling import Sampler, SampleResult, SamplingParams, TokenLogprob
 from gemma_dist.tokenizer import IncrementalDetokenizer
 
 GiB = 1 << 30
@@ -113,11 +115,40 @@ class EngineStats:
     total_blocks: int
     block_size: int
     preemptions: int
+    times: dict[str, float] = dataclasses.field(default_factory=dict)  # cumulative seconds per step phase
+    steps: int = 0  # steps run so far
 
     @property
     def max_concurrent_tokens(self) -> int:
         """Tokens the KV cache holds across all requests."""
         return self.total_blocks * self.block_size
+
+
+@dataclasses.dataclass
+class EngineTimes:
+    """Cumulative host seconds per phase of the engine's steps (the overhead benchmark and the
+    /metrics step-phase counters read these)."""
+
+    steps: int = 0
+    schedule: float = 0.0  # the scheduler's plan, and turning it into a StepPlan
+    execute: float = 0.0  # waiting for the runner (in-process: the model; remote: model + transport)
+    runner: float = 0.0  # of `execute`, the runner's own time (apply plan, forward, sample), as it reports
+    postprocess: float = 0.0  # appending tokens, stop checks, detokenizing, building deltas
+
+    def as_dict(self) -> dict[str, float]:
+        """Phase → seconds (transport = execute - runner)."""
+        return {"schedule": self.schedule, "execute": self.execute, "runner": self.runner,
+                "transport": max(0.0, self.execute - self.runner), "postprocess": self.postprocess}
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A step handed to the runner, not yet postprocessed."""
+
+    plan: SchedulerOutput
+    sampled: list[Sequence]  # the sequences whose rows sample, in result order
+    result: object  # the runner's future (`.result()`) or a finished SampleResult
+    deltas: list  # deltas already known (expired requests)
 
 
 class _Request:
@@ -153,14 +184,21 @@ class LLMEngine:
 
     @classmethod
     def with_runner(cls, model_config, tokenizer, config: EngineConfig, runner, num_blocks: int) -> "LLMEngine":
-        """An engine whose steps run elsewhere: `runner.execute(steps) -> SampleResult` (e.g. on
-        tensor-parallel shard workers that own `num_blocks` KV blocks each)."""
+        """An engine whose steps run elsewhere: `runner.execute_plan(StepPlan) -> SampleResult`
+        (e.g. on tensor-parallel shard workers that own `num_blocks` KV blocks each), or a model
+        runner taking `StepInput`s (`execute(steps)`), which then gets a persistent batch here."""
         engine = cls.__new__(cls)
         engine._setup(model_config, tokenizer, config, runner, num_blocks)
         engine.model = None
         return engine
 
     def _setup(self, model_config, tokenizer, config: EngineConfig, runner, num_blocks: int) -> None:
+        # The runner executes StepPlans: a remote one directly, a model runner through a
+        # persistent batch kept here. `self.runner` stays the model runner (tests, tools).
+        self.executor = runner if hasattr(runner, "execute_plan") else PlanRunner(runner)
+        self.times = EngineTimes()
+        self._slots = SlotAllocator()
+        self._freed_slots: list[int] = []  # slots of finished requests, removed in the next plan
         self.tokenizer = tokenizer
         self.config = config
         self.model_config = model_config
@@ -170,6 +208,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         self.runner = runner
         self._requests: dict[str, _Request] = {}
+        self._deadlines: dict[str, float] = {}  # request id → deadline, for requests that have one
+        self._expired: list[RequestDelta] = []  # final deltas of expired requests, not yet returned
 
     @classmethod
     def from_model(cls, model: str = "default", dtype: str | None = None, variant: str | None = None,
@@ -209,20 +249,26 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Seq[int] | None = None,
                     params: SamplingParams | None = None, *, chat: Seq[Mapping[str, str]] | None = None,
-                    deadline: float | None = None) -> None:
+                    deadline: float | None = None, prompt_text: str | None = None,
+                    chat_template: bool = False) -> None:
         """Queue a request: a text prompt (BOS added), a list of token ids, or a chat. A request
-        still unfinished at `deadline` (time.time()) is aborted; if still waiting, never prefilled."""
+        still unfinished at `deadline` (time.time()) is aborted; if still waiting, never prefilled.
+
+        Token ids that a caller already made from text (the gateway tokenizes once) may bring
+        that text as `prompt_text`, and `chat_template=True` when they are a rendered chat, so
+        <end_of_turn> stops the request as it would for `chat=`."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
         text, ids = self._prompt_ids(prompt, chat)
+        is_chat = chat is not None or chat_template
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params,
-                       eos_token_ids=self.tokenizer.stop_token_ids(chat=chat is not None),
-                       max_context=self.max_model_len, prompt=text)
-        if params.seed is not None:
-            seq.generator = make_generator(params.seed)
+                       eos_token_ids=self.tokenizer.stop_token_ids(chat=is_chat),
+                       max_context=self.max_model_len, prompt=text if text is not None else prompt_text)
         self.scheduler.add(seq)
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer), deadline)
+        if deadline is not None:
+            self._deadlines[request_id] = deadline
 
     def _prompt_ids(self, prompt, chat) -> tuple[str | None, list[int]]:
         if (prompt is None) == (chat is None):
@@ -251,7 +297,8 @@ class LLMEngine:
         if request is None:
             return None
         self._forget(request_id)
-        self.scheduler.abort(request_id)
+        self.scheduler.abort(request_id, request.seq)
+        self._free_slot(request.seq)
         return RequestDelta(request_id, [], "", FinishReason.ABORTED, [], len(request.seq.prompt_token_ids),
                             len(request.seq.output_token_ids))
 
@@ -263,72 +310,166 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """Current counters."""
         return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.num_free,
-                           self.blocks.num_blocks, self.blocks.block_size, self.scheduler.num_preemptions)
+                           self.blocks.num_blocks, self.blocks.block_size, self.scheduler.num_preemptions,
+                           self.times.as_dict(), self.times.steps)
 
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[RequestDelta]:
         """Run one step: schedule → execute → postprocess. Returns the deltas of this step."""
-        expired = self._abort_expired()
+        in_flight = self.launch()
+        if in_flight is None:
+            return self._take_expired()
+        return self.complete(in_flight)
+
+    # A step in two halves, so a driver can overlap them (AsyncLLMEngine): `launch` plans a step
+    # and hands it to the runner; `complete` waits for its tokens and postprocesses them. While
+    # a remote runner computes step N+1, the driver postprocesses step N. Only one step is ever
+    # in flight, and plans run in order, so blocks freed meanwhile are reused only by later steps.
+
+    def launch(self) -> _InFlight | None:
+        """Plan the next step and start it on the runner; None when nothing is scheduled."""
+        start = time.perf_counter()
+        self._expired.extend(self._abort_expired())
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            return expired
+            return None
         now = time.monotonic()
+        sampled = []
         for item in plan.scheduled:
             request = self._requests[item.seq.request_id]
             if request.queue_seconds is None:
                 request.queue_seconds = now - request.arrival
-        result = self.runner.execute(self._step_inputs(plan))
-        self.scheduler.on_step_done(plan)
-        sampled = [item.seq for item in plan.scheduled if item.samples]
-        deltas = []
-        for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
+            if item.samples:
+                sampled.append(item.seq)
+        step_plan = self._step_plan(plan)
+        submit = getattr(self.executor, "submit", None)
+        launched = time.perf_counter()
+        self.times.schedule += launched - start
+        result = submit(step_plan) if submit is not None else self.executor.execute_plan(step_plan)
+        self.times.execute += time.perf_counter() - launched
+        return _InFlight(plan, sampled, result, self._take_expired())
+
+    def complete(self, in_flight: _InFlight) -> list[RequestDelta]:
+        """Wait for a launched step's tokens and postprocess them; the step's deltas."""
+        return self.finish_text(self.finish_tokens(in_flight))
+
+    def finish_tokens(self, in_flight: _InFlight) -> tuple[list, list[RequestDelta]]:
+        """Wait for the step's tokens, append them and apply the token stop rules (eos, stop ids,
+        max_tokens); frees what finished. The text work is left to `finish_text`."""
+        start = time.perf_counter()
+        result = in_flight.result
+        if not isinstance(result, SampleResult):
+            result = result.result()
+        waited = time.perf_counter()
+        self.times.execute += waited - start
+        self.times.runner += getattr(result, "runner_seconds", 0.0) or 0.0
+        self.times.steps += 1
+        self.scheduler.on_step_done(in_flight.plan)
+        appended = []
+        for seq, token, logprob in zip(in_flight.sampled, result.token_ids, result.logprobs):
+            if seq.is_finished:  # stopped (stop string, abort) while this step ran: its token is dropped
+                continue
+            seq.output_token_ids.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            seq.finish_reason = finish_on_token(seq, token)
+            appended.append(seq)
+        self._release_finished()
+        self.times.postprocess += time.perf_counter() - waited
+        return appended, in_flight.deltas
+
+    def finish_text(self, finished_tokens: tuple[list, list[RequestDelta]]) -> list[RequestDelta]:
+        """Detokenize the appended tokens, check stop strings, and build the step's deltas."""
+        start = time.perf_counter()
+        appended, deltas = finished_tokens
+        deltas = list(deltas)
+        for seq in appended:
+            request = self._requests.get(seq.request_id)
+            if request is None:  # aborted meanwhile: its final delta is already out
+                continue
             try:
-                deltas.append(self._append(seq, token, logprob))
+                deltas.append(self._postprocess(request))
             except Exception:  # one request's failure (e.g. detokenizing) must not stall the rest
                 log.exception("request %s failed in postprocessing; aborting it", seq.request_id)
                 seq.finish_reason = FinishReason.ABORTED
                 deltas.append(RequestDelta(seq.request_id, [], "", FinishReason.ABORTED, [],
                                            len(seq.prompt_token_ids), len(seq.output_token_ids)))
+            if seq.is_finished:
+                self._forget(seq.request_id)
+        self._release_finished()
+        self.times.postprocess += time.perf_counter() - start
+        return deltas
+
+    def _release_finished(self) -> None:
         for seq in self.scheduler.release_finished():
-            self._forget(seq.request_id)
-        return expired + deltas
+            self._free_slot(seq)
+
+    def _take_expired(self) -> list[RequestDelta]:
+        expired, self._expired = self._expired, []
+        return expired
 
     def _abort_expired(self) -> list[RequestDelta]:
         """Abort requests past their deadline (waiting ones are never prefilled)."""
+        if not self._deadlines:
+            return []
         now = time.time()
-        late = [rid for rid, r in self._requests.items() if r.deadline is not None and r.deadline <= now]
-        return [self.abort(rid) for rid in late]
+        late = [rid for rid, deadline in self._deadlines.items() if deadline <= now]
+        return [delta for delta in map(self.abort, late) if delta is not None]
 
     def _forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
-        release = getattr(self.runner, "release", None)  # remote runners keep per-request generators
-        if release is not None:
-            release(request_id)
+        self._deadlines.pop(request_id, None)
 
-    def _step_inputs(self, plan: SchedulerOutput) -> list[StepInput]:
-        inputs = []
+    def _free_slot(self, seq: Sequence) -> None:
+        """The runners drop seq's persistent-batch row with the next plan."""
+        if seq.slot is not None:
+            self._freed_slots.append(seq.slot)
+            seq.slot = None
+
+    def _step_plan(self, plan: SchedulerOutput) -> StepPlan:
+        """The scheduler's plan as changes to the runners' persistent batch (see step_plan)."""
+        step = StepPlan(removed=self._freed_slots)
+        for slot in self._freed_slots:  # removed before added: a freed slot may be reused at once
+            self._slots.give_back(slot)
+        self._freed_slots = []
+        for seq in plan.preempted:
+            seq.synced_blocks = 0
+            if seq.slot is not None:
+                step.reset.append(seq.slot)
         for item in plan.scheduled:
             seq = item.seq
-            tokens = seq.all_token_ids[seq.num_cached: seq.num_cached + item.num_tokens]
-            row = SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator) \
-                if item.samples else None
-            inputs.append(StepInput(tokens, seq.num_cached, seq.block_table, row, seq.request_id))
-        return inputs
+            if seq.slot is None:
+                seq.slot = self._slots.take()
+                step.added.append(NewRequest(seq.slot, seq.request_id, seq.prompt_token_ids,
+                                             list(seq.output_token_ids), seq.params))
+                seq.synced_blocks, seq.synced_tokens = 0, seq.num_tokens
+            elif seq.synced_tokens < seq.num_tokens:  # the token(s) sampled since its last step
+                for token in seq.output_token_ids[seq.synced_tokens - len(seq.prompt_token_ids):]:
+                    step.appended.append((seq.slot, token))
+                seq.synced_tokens = seq.num_tokens
+            if len(seq.block_table) > seq.synced_blocks:
+                step.block_updates.append((seq.slot, seq.synced_blocks, seq.block_table[seq.synced_blocks:]))
+                seq.synced_blocks = len(seq.block_table)
+            step.slots.append(seq.slot)
+            step.num_cached.append(seq.num_cached)
+            step.num_tokens.append(item.num_tokens)
+            step.samples.append(item.samples)
+        return step
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestDelta:
-        request = self._requests[seq.request_id]
-        seq.output_token_ids.append(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        reason = finish_on_token(seq, token)
+    def _postprocess(self, request: _Request) -> RequestDelta:
+        """Text of the tokens appended since the last delta; stop strings; the delta."""
+        seq = request.seq
+        reason = seq.finish_reason
         checked = len(seq.text)
-        seq.text += request.detokenizer.push(token)
+        for token in seq.output_token_ids[request.emitted_tokens:]:
+            seq.text += request.detokenizer.push(token)
         if reason is not None:
             seq.text += request.detokenizer.flush()
-        at = find_stop_string(seq.text, checked, seq.params.stop)
-        if at is not None:
-            seq.text, reason = seq.text[:at], FinishReason.STOP
+        if seq.params.stop:
+            at = find_stop_string(seq.text, checked, seq.params.stop)
+            if at is not None:
+                seq.text, reason = seq.text[:at], FinishReason.STOP
         seq.finish_reason = reason
         # Hold back text that might be the start of a stop string until it is decided.
         safe = len(seq.text) if reason is not None else max(request.emitted_text, len(seq.text) - request.hold_back)
@@ -347,20 +488,18 @@ class EngineStoppedError(RuntimeError):
     """The async engine was shut down, or its step loop failed."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Stream:
-    """Where one request's deltas go: a queue owned by the caller's event loop."""
+    """Where one request's deltas go: `sink(item)`, called on the consumer's event loop."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    sink: Callable[[object], None]
 
-    def put(self, item) -> bool:
-        """Hand an item to the consumer; False when its event loop is gone."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-            return True
-        except RuntimeError:  # the consumer's loop was closed
-            return False
+
+def _run_sinks(items: list[tuple[_Stream, object]]) -> None:
+    """On a consumer's event loop: hand every item of one step to its stream."""
+    for stream, item in items:
+        stream.sink(item)
 
 
 class AsyncLLMEngine:
@@ -369,7 +508,11 @@ class AsyncLLMEngine:
     The event loop never waits for a step: adds and aborts are commands the engine thread
     applies between steps, and stats are a snapshot taken after each step. Torch releases
     the GIL inside its kernels, so the event loop stays responsive while a step runs. Closing
-    a request's iterator early (client gone) aborts the request.
+    a request's iterator early (client gone) aborts the request. A step's deltas reach each
+    consumer event loop in one hand-off, not one per request.
+
+    With a runner that can `submit` a step and return before it finishes (remote shard
+    workers), the loop overlaps: it launches step N+1 before postprocessing step N's tokens.
     """
 
     def __init__(self, engine: LLMEngine):
@@ -377,27 +520,29 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
+        self._outgoing: list[tuple[_Stream, object]] = []  # this step's items, delivered together
         self._stats = engine.stats()
         self._failure: BaseException | None = None
         self._stopped = False
+        self._overlap = hasattr(engine.executor, "submit")
         self._thread = threading.Thread(target=self._run, name="gemma-engine", daemon=True)
         self._thread.start()
 
     async def generate(self, request_id: str, prompt: str | Seq[int] | None = None,
                        params: SamplingParams | None = None, *, chat: Seq[Mapping[str, str]] | None = None,
-                       deadline: float | None = None) -> AsyncIterator[RequestDelta]:
+                       deadline: float | None = None, **inputs) -> AsyncIterator[RequestDelta]:
         """Add a request and yield its deltas as the engine produces them.
 
         Bad input (an empty prompt, an id in use, ...) raises ValueError on the first iteration.
+        `inputs`: further keyword arguments of LLMEngine.add_request (prompt_text, chat_template).
         """
-        if self._stopped or self._failure is not None:
-            raise EngineStoppedError("the engine is shut down") from self._failure
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._send(("add", request_id, stream, dict(prompt=prompt, params=params, chat=chat, deadline=deadline)))
+        deltas: asyncio.Queue = asyncio.Queue()
+        stream = self.submit(request_id, deltas.put_nowait, prompt=prompt, params=params, chat=chat,
+                             deadline=deadline, **inputs)
         finished = False
         try:
             while True:
-                delta = await stream.queue.get()
+                delta = await deltas.get()
                 if isinstance(delta, BaseException):
                     finished = True
                     raise delta
@@ -409,9 +554,24 @@ class AsyncLLMEngine:
             if not finished:  # the consumer left early: stop generating for it
                 self._send(("abort", request_id, stream))
 
+    def submit(self, request_id: str, sink: Callable[[object], None], **inputs) -> _Stream:
+        """Add a request whose deltas go to `sink`, called on the current event loop: each
+        RequestDelta, ending with the one that has a finish_reason, or an exception (ValueError
+        for bad input, EngineStoppedError) as the last item. `inputs`: LLMEngine.add_request's
+        keyword arguments. Returns the stream handle `abort_stream` takes."""
+        if self._stopped or self._failure is not None:
+            raise EngineStoppedError("the engine is shut down") from self._failure
+        stream = _Stream(asyncio.get_running_loop(), sink)
+        self._send(("add", request_id, stream, inputs))
+        return stream
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; its iterator ends with an ABORTED delta."""
         self._send(("abort", request_id, None))
+
+    def abort_stream(self, request_id: str, stream: _Stream) -> None:
+        """Abort `request_id` only if `stream` still owns it (never a newer request of that id)."""
+        self._send(("abort", request_id, stream))
 
     def stats(self) -> EngineStats:
         """The engine's counters as of the end of the last step."""
@@ -430,27 +590,47 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
+        engine = self.engine
+        in_flight = None
         try:
             while not self._stopped:
-                self._apply_commands()
-                if not self.engine.has_unfinished_requests:
-                    self._wakeup.wait(0.05)
-                    self._wakeup.clear()
-                    continue
-                deltas = self.engine.step()
-                self._stats = self.engine.stats()  # before delivery: a consumer may look at once
-                for delta in deltas:
-                    self._deliver(delta.request_id, delta, final=delta.finish_reason is not None)
+                if in_flight is None:
+                    self._apply_commands()
+                    self._flush()
+                    if not engine.has_unfinished_requests:
+                        self._wakeup.wait(0.05)
+                        self._wakeup.clear()
+                        continue
+                    in_flight = engine.launch()
+                    if in_flight is None:  # nothing schedulable (expired requests only)
+                        self._queue_deltas(engine._take_expired())
+                        self._flush()
+                        continue
+                tokens = engine.finish_tokens(in_flight)
+                in_flight = None
+                if self._overlap:  # start the next step before the text work of this one
+                    self._apply_commands()
+                    if engine.has_unfinished_requests:
+                        in_flight = engine.launch()
+                self._queue_deltas(engine.finish_text(tokens))
+                if in_flight is not None:
+                    self._queue_deltas(in_flight.deltas)  # requests that expired at its launch
+                    in_flight.deltas = []
+                self._stats = engine.stats()  # before delivery: a consumer may look at once
+                self._flush()
         except BaseException as error:  # a failed step fails every open stream, loudly
             self._failure = error
+            log.error("engine step loop failed: %r", error)
         finally:
             reason = EngineStoppedError("the engine is shut down" if self._failure is None
                                         else f"the engine step loop failed: {self._failure!r}")
             for request_id in list(self._streams):
-                self.engine.abort(request_id)
-            self._stats = self.engine.stats()
+                engine.abort(request_id)
+            self._stats = engine.stats()
+            self._outgoing = []
             for request_id in list(self._streams):
                 self._deliver(request_id, reason, final=True)
+            self._flush()
 
     def _apply_commands(self) -> None:
         while True:
@@ -463,7 +643,7 @@ class AsyncLLMEngine:
                 try:
                     self.engine.add_request(request_id, **command[3])
                 except ValueError as error:
-                    stream.put(error)
+                    self._outgoing.append((stream, error))
                     continue
                 self._streams[request_id] = stream
             elif stream is None or self._streams.get(request_id) is stream:  # never a newer namesake
@@ -472,12 +652,31 @@ class AsyncLLMEngine:
                 if final is not None:
                     self._deliver(request_id, final, final=True)
 
+    def _queue_deltas(self, deltas: list[RequestDelta]) -> None:
+        for delta in deltas:
+            self._deliver(delta.request_id, delta, final=delta.finish_reason is not None)
+
     def _deliver(self, request_id: str, item, final: bool) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return
         if final:
             del self._streams[request_id]
-        if not stream.put(item) and not final:  # nobody is listening any more
-            del self._streams[request_id]
-            self.engine.abort(request_id)
+        self._outgoing.append((stream, item))
+
+    def _flush(self) -> None:
+        """Hand this step's items to their event loops: one call per loop."""
+        if not self._outgoing:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]] = {}
+        for stream, item in self._outgoing:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        self._outgoing = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_run_sinks, items)
+            except RuntimeError:  # the consumer's loop was closed: nobody is listening any more
+                for stream, _ in items:
+                    for request_id in [r for r, s in self._streams.items() if s is stream]:
+                        del self._streams[request_id]
+                        self.engine.abort(request_id)

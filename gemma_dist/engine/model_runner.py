@@ -8,13 +8,17 @@ table, and whether to sample after it (not after a mid-prompt chunk).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import time
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from gemma_dist.model.attention import allocate_kv_cache, build_attention_metadata, positions_of
 from gemma_dist.model.gemma import GemmaForCausalLM
 from gemma_dist.sampling import Sampler, SampleResult, SamplingRow
+
+if TYPE_CHECKING:
+    from gemma_dist.engine.persistent_batch import PreparedStep
 
 
 @dataclasses.dataclass
@@ -105,6 +109,38 @@ class ModelRunner:
         if not rows:
             return SampleResult(token_ids=[], logprobs=[])
         return sample_rows(self.sampler, logits, [steps[i].sampling for i in rows], self.vocab_limit)
+
+    def prepare(self, batch, plan) -> "PreparedStep":
+        """A plan's tensors from a persistent batch (gemma_dist.engine.persistent_batch)."""
+        return batch.prepare(plan, self.device, use_kernel=self.attention == "kernel",
+                             sliding_window=self.model.config.sliding_window)
+
+    @torch.inference_mode()
+    def execute_prepared(self, step: "PreparedStep", sample: bool = True, times=None) -> SampleResult | None:
+        """`execute` for a step built by a persistent batch (`prepare`); adds phase times to `times`."""
+        start = time.perf_counter()
+        rows = step.sample_rows
+        if self.decode_graphs is not None and self.decode_graphs.fits_prepared(step):
+            out = self.decode_graphs.run_prepared(step)  # (B, vocab)
+            logits = out[rows] if rows else None
+        else:
+            hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)
+            logits = None
+            if rows:
+                last = step.meta.last_token_index
+                if len(rows) < len(step.num_cached):
+                    last = last[torch.tensor(rows, device=self.device)]
+                logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32, gathered over ranks
+        sampled = time.perf_counter()
+        if times is not None:
+            times.forward += sampled - start
+        if not sample:
+            return None
+        result = SampleResult(token_ids=[], logprobs=[]) if not rows else \
+            sample_rows(self.sampler, logits, step.sampling, self.vocab_limit)
+        if times is not None:
+            times.sample += time.perf_counter() - sampled
+        return result
 
     @torch.inference_mode()
     def logits(self, steps: Sequence[StepInput]) -> torch.Tensor:

@@ -62,14 +62,54 @@ class SchedulerOutput:
         return sum(s.num_tokens for s in self.scheduled)
 
 
+class RunningSet:
+    """Running sequences in admission order, keyed by identity: O(1) add, remove, membership
+    and newest (a list made `seq in running` a scan comparing whole Sequences: quadratic)."""
+
+    def __init__(self) -> None:
+        self._seqs: dict[int, Sequence] = {}  # id(seq) -> seq, insertion (admission) order
+
+    def append(self, seq: Sequence) -> None:
+        """Add seq as the newest."""
+        self._seqs[id(seq)] = seq
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop seq (KeyError if absent)."""
+        del self._seqs[id(seq)]
+
+    def newest(self) -> Sequence:
+        """The most recently admitted sequence (the first to be preempted)."""
+        return self._seqs[next(reversed(self._seqs))]
+
+    def __contains__(self, seq: object) -> bool:
+        return self._seqs.get(id(seq)) is seq
+
+    def __iter__(self):
+        return iter(list(self._seqs.values()))  # a snapshot: callers may remove while iterating
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __eq__(self, other: object) -> bool:
+        return list(self._seqs.values()) == list(other) if isinstance(other, (list, tuple, RunningSet)) \
+            else NotImplemented
+
+    __hash__ = None  # mutable
+
+
 class Scheduler:
-    """Owns the waiting queue and the running set; plans steps over a BlockManager."""
+    """Owns the waiting queue and the running set; plans steps over a BlockManager.
+
+    Planning is linear in the number of sequences: membership and removal go through
+    `RunningSet` (identity-keyed), and a step touches each running sequence a constant number
+    of times.
+    """
 
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config = config
         self.blocks = blocks
         self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        self.running = RunningSet()  # in admission order: the newest is preempted first
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queue
@@ -83,17 +123,22 @@ class Scheduler:
                              f"the cache holds {self.blocks.num_blocks * self.blocks.block_size}")
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Remove a waiting or running sequence, free its blocks, mark it aborted."""
-        for seq in list(self.waiting):
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                return self._finish(seq, FinishReason.ABORTED)
-        for seq in self.running:
-            if seq.request_id == request_id:
-                self.running.remove(seq)
-                return self._finish(seq, FinishReason.ABORTED)
-        return None
+    def abort(self, request_id: str, seq: Sequence | None = None) -> Sequence | None:
+        """Remove a waiting or running sequence, free its blocks, mark it aborted. Pass `seq`
+        (the sequence of that id) to skip the search by id."""
+        if seq is None:
+            seq = next((s for s in self.running if s.request_id == request_id), None) or \
+                next((s for s in self.waiting if s.request_id == request_id), None)
+        if seq is None or seq.is_finished:
+            return None
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)  # identity compare (Sequence has eq=False)
+            except ValueError:
+                return None
+        return self._finish(seq, FinishReason.ABORTED)
 
     def release_finished(self) -> list[Sequence]:
         """Drop running sequences that finished this step, freeing their blocks at once."""
@@ -121,18 +166,20 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
-        for seq in list(self.running):  # decodes first: the running streams never stall
-            if seq not in self.running or seq.num_tokens - seq.num_cached != 1:
+        planned: set[int] = set()  # id() of sequences already in the plan
+        for seq in self.running:  # decodes first: the running streams never stall
+            if seq.num_tokens - seq.num_cached != 1 or seq not in self.running:  # (preempted meanwhile)
                 continue
             if not self._make_room(seq, seq.num_tokens, preempted):
                 continue  # seq itself was preempted
             scheduled.append(ScheduledSequence.plan(seq, 1))
+            planned.add(id(seq))
             budget -= 1
         for seq in self.running:  # prompts part-way through their chunked prefill
             if budget <= 0:
                 break
             remaining = seq.num_tokens - seq.num_cached
-            if remaining <= 1 or any(s.seq is seq for s in scheduled):
+            if remaining <= 1 or id(seq) in planned:
                 continue
             chunk = min(remaining, budget)
             if not self.blocks.can_grow(seq.block_table, seq.num_cached + chunk):
@@ -161,7 +208,7 @@ class Scheduler:
         Returns False when seq itself had to be preempted.
         """
         while not self.blocks.can_grow(seq.block_table, num_tokens):
-            victim = self.running[-1]
+            victim = self.running.newest()
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
@@ -174,6 +221,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.num_cached = 0
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

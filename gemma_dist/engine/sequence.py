@@ -18,9 +18,10 @@ class FinishReason(str, enum.Enum):
     ABORTED = "aborted"  # cancelled by the caller
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Sequence:
-    """One request being generated."""
+    """One request being generated. Compared by identity: value equality would compare whole
+    token lists, and the scheduler asks `seq in ...` every step."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -35,6 +36,10 @@ class Sequence:
     text: str = ""  # detokenized output, stop string removed
     finish_reason: FinishReason | None = None
     generator: Any = None  # per-request torch.Generator when params.seed is set
+    num_preemptions: int = 0  # times its KV blocks were taken back (it then recomputes them)
+    slot: int | None = None  # its row in the runners' persistent batch, while it holds one
+    synced_blocks: int = 0  # block_table entries the runners already know (the rest travel next step)
+    synced_tokens: int = 0  # prompt + output tokens the runners already know
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +64,15 @@ class Sequence:
     def uncached_token_ids(self) -> list[int]:
         """Tokens to feed next: the rest of the prompt, or the last generated token."""
         return self.all_token_ids[self.num_cached:]
+
+    def token_ids_at(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output, without building the whole list."""
+        prompt = len(self.prompt_token_ids)
+        if start >= prompt:
+            return self.output_token_ids[start - prompt: stop - prompt]
+        if stop <= prompt:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt]
 
 
 def finish_on_token(seq: Sequence, token_id: int) -> FinishReason | None:

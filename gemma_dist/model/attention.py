@@ -76,49 +76,61 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def _key_view(first_blocks: list[int], block_tables: Sequence[Sequence[int]], query_pos: list[list[int]],
-              block_size: int, window: int | None, device: torch.device | str) -> KeyView:
-    """Gather plan for blocks [first_blocks[b], end) of each sequence, with its causal/window mask."""
-    last_blocks = [p[-1] // block_size + 1 for p in query_pos]
-    num = max(last - first for first, last in zip(first_blocks, last_blocks))
-    tables = torch.zeros((len(query_pos), num), dtype=torch.int64)
-    key_pos = torch.empty((len(query_pos), num * block_size), dtype=torch.int64)
-    offsets = torch.arange(num * block_size)
-    for b, (first, last) in enumerate(zip(first_blocks, last_blocks)):
-        tables[b, : last - first] = torch.tensor(block_tables[b][first:last], dtype=torch.int64)
-        key_pos[b] = first * block_size + offsets
-    q_pos = torch.tensor(query_pos, dtype=torch.int64)  # (B, Tq)
-    mask = key_pos[:, None, :] <= q_pos[:, :, None]  # causal (also hides padded blocks)
+def _key_view(tables: torch.Tensor, first_blocks: torch.Tensor, query_pos: torch.Tensor, block_size: int,
+              window: int | None) -> KeyView:
+    """Gather plan for blocks [first_blocks[b], last block of its queries] of each sequence, with its
+    causal / window mask. tables (B, W) int64 holds each sequence's block table (entries past a
+    sequence's blocks are any valid block id: their keys are masked); query_pos (B, Tq) int64."""
+    batch = tables.shape[0]
+    last_blocks = query_pos[:, -1] // block_size  # (B,) block of each sequence's last query
+    num = int((last_blocks - first_blocks).max()) + 1
+    cols = first_blocks[:, None] + torch.arange(num, device=tables.device)  # (B, num) table columns
+    picked = tables.gather(1, cols.clamp(max=tables.shape[1] - 1))  # past the table: masked below
+    offsets = torch.arange(block_size, device=tables.device)
+    key_pos = (cols[:, :, None] * block_size + offsets).reshape(batch, num * block_size)  # (B, Lk)
+    mask = key_pos[:, None, :] <= query_pos[:, :, None]  # causal (also hides blocks past the table)
     if window is not None:
-        mask &= (q_pos[:, :, None] - key_pos[:, None, :]) < window
-    return KeyView(tables.to(device), mask.to(device))
+        mask &= (query_pos[:, :, None] - key_pos[:, None, :]) < window
+    return KeyView(picked, mask)
 
 
-def _group(token_index: list[int], tables: list[Sequence[int]], cached: list[int], query_pos: list[list[int]],
-           block_size: int, sliding_window: int | None, device: torch.device | str) -> AttentionGroup:
-    """One attention group over sequences with the same number of query rows."""
-    whole = _key_view([0] * len(tables), tables, query_pos, block_size, None, device)
+def _group(token_index: torch.Tensor, tables: torch.Tensor, query_pos: torch.Tensor, block_size: int,
+           sliding_window: int | None) -> AttentionGroup:
+    """One attention group over B sequences with Tq query rows each: tables (B, W), query_pos (B, Tq)."""
+    zeros = torch.zeros(tables.shape[0], dtype=torch.int64, device=tables.device)
+    whole = _key_view(tables, zeros, query_pos, block_size, None)
     if sliding_window is None:
         windowed = whole
     else:
-        first = [max(0, c - sliding_window + 1) // block_size for c in cached]
-        windowed = _key_view(first, tables, query_pos, block_size, sliding_window, device)
-    return AttentionGroup(torch.tensor(token_index, dtype=torch.int64, device=device), len(tables),
-                          len(query_pos[0]), whole, windowed)
+        first = (query_pos[:, 0] - sliding_window + 1).clamp(min=0) // block_size
+        windowed = _key_view(tables, first, query_pos, block_size, sliding_window)
+    return AttentionGroup(token_index, tables.shape[0], query_pos.shape[1], whole, windowed)
+
+
+def table_tensor(block_tables: Sequence[Sequence[int]], width: int | None = None,
+                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """(B, width) block tables from lists, padded with block 0 (default width: the longest)."""
+    width = width or max(len(t) for t in block_tables)
+    tables = torch.zeros((len(block_tables), width), dtype=dtype)
+    for b, table in enumerate(block_tables):
+        tables[b, : min(len(table), width)] = torch.tensor(table[:width], dtype=dtype)
+    return tables
 
 
 def kernel_inputs(query_lens: Sequence[int], cached_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
                   sliding_window: int | None, device: torch.device | str, width: int | None = None) -> KernelInputs:
     """Fused-kernel inputs for B sequences, sequence b adding query_lens[b] tokens after cached_lens[b]
     (block tables padded with block 0 to `width`, default the longest)."""
-    width = width or max(len(t) for t in block_tables)
-    tables = torch.zeros((len(block_tables), width), dtype=torch.int32)
-    for b, table in enumerate(block_tables):
-        tables[b, : len(table)] = torch.tensor(table[:width], dtype=torch.int32)
-    token_seq = [b for b, q in enumerate(query_lens) for _ in range(q)]
-    positions = [p for q, c in zip(query_lens, cached_lens) for p in range(c, c + q)]
-    return KernelInputs(torch.tensor(token_seq, dtype=torch.int32, device=device), tables.to(device),
-                        torch.tensor(positions, dtype=torch.int32, device=device), sliding_window)
+    return _kernel_inputs(query_lens, cached_lens, table_tensor(block_tables, width, torch.int32),
+                          sliding_window, device)
+
+
+def _kernel_inputs(query_lens: Sequence[int], cached_lens: Sequence[int], tables: torch.Tensor,
+                   sliding_window: int | None, device: torch.device | str) -> KernelInputs:
+    q = torch.tensor(query_lens, dtype=torch.int64)
+    token_seq = torch.repeat_interleave(torch.arange(len(query_lens), dtype=torch.int32), q)
+    positions = positions_of(query_lens, cached_lens).to(torch.int32)
+    return KernelInputs(token_seq.to(device), tables.to(device, torch.int32), positions.to(device), sliding_window)
 
 
 def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[int],
@@ -133,57 +145,74 @@ def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[in
     """
     if not (len(query_lens) == len(cached_lens) == len(block_tables)) or not query_lens:
         raise ValueError("query_lens, cached_lens and block_tables need one entry per sequence")
-    slots: list[int] = []
-    starts = [0, *_cumulative(query_lens)]
     for b, (q_len, cached, table) in enumerate(zip(query_lens, cached_lens, block_tables)):
         if q_len < 1:
             raise ValueError(f"sequence {b} has no new tokens")
         if len(table) * block_size < cached + q_len:
             raise ValueError(f"sequence {b}: block table covers {len(table) * block_size} positions, "
                              f"needs {cached + q_len}")
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, cached + q_len))
+    return metadata_from_tables(query_lens, cached_lens, table_tensor(block_tables), block_size, sliding_window,
+                                device, use_kernel)
+
+
+def metadata_from_tables(query_lens: Sequence[int], cached_lens: Sequence[int], tables: torch.Tensor,
+                         block_size: int, sliding_window: int | None, device: torch.device | str = "cpu",
+                         use_kernel: bool = False) -> AttentionMetadata:
+    """`build_attention_metadata` over block tables already in one (B, W) int64 CPU tensor (a
+    persistent batch's rows; W covers every sequence's new tokens). Vectorized: the host work
+    grows with the number of sequences and prefill chunks, not with their context length."""
+    q = torch.tensor(query_lens, dtype=torch.int64)
+    positions = positions_of(query_lens, cached_lens)  # (T,) CPU
+    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q)  # (T,)
+    block_of_token = tables[seq_of_token, positions // block_size]
+    slots = block_of_token * block_size + positions % block_size  # (T,) flat cache slots
+    starts = torch.cumsum(q, 0) - q  # (B,) first flat token of each sequence
+    last = (starts + q - 1).to(device)
     if use_kernel:
-        last = torch.tensor(starts[1:], dtype=torch.int64) - 1
-        return AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=device), [], None, last.to(device),
-                                 kernel_inputs(query_lens, cached_lens, block_tables, sliding_window, device))
-    decode = [b for b, q in enumerate(query_lens) if q == 1]
+        return AttentionMetadata(slots.to(device), [], None, last,
+                                 _kernel_inputs(query_lens, cached_lens, tables, sliding_window, device))
+    decode = [b for b, n in enumerate(query_lens) if n == 1]
     groups, order = [], []
     if decode:
-        groups.append(_group([starts[b] for b in decode], [block_tables[b] for b in decode],
-                             [cached_lens[b] for b in decode], [[cached_lens[b]] for b in decode],
-                             block_size, sliding_window, device))
-        order.extend(starts[b] for b in decode)
+        index = torch.tensor(decode, dtype=torch.int64) if len(decode) < len(query_lens) else None
+        token_index = starts if index is None else starts[index]
+        rows = tables if index is None else tables[index]
+        cached = torch.tensor(cached_lens, dtype=torch.int64)
+        group = _group(token_index, rows, (cached if index is None else cached[index])[:, None], block_size,
+                       sliding_window)
+        groups.append(group)
+        order.append(token_index)
     for b, q_len in enumerate(query_lens):
         if q_len > 1:
-            rows = list(range(starts[b], starts[b] + q_len))
-            positions = list(range(cached_lens[b], cached_lens[b] + q_len))
-            groups.append(_group(rows, [block_tables[b]], [cached_lens[b]], [positions], block_size,
-                                 sliding_window, device))
-            order.extend(rows)
+            token_index = torch.arange(int(starts[b]), int(starts[b]) + q_len)
+            query_pos = torch.arange(cached_lens[b], cached_lens[b] + q_len)[None, :]
+            groups.append(_group(token_index, tables[b: b + 1], query_pos, block_size, sliding_window))
+            order.append(token_index)
+    order_t = torch.cat(order) if len(order) > 1 else order[0]
     output_order = None
-    if order != list(range(len(order))):
-        inverse = torch.empty(len(order), dtype=torch.int64)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        output_order = inverse.to(device)
-    last = torch.tensor(starts[1:], dtype=torch.int64) - 1
-    return AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-                             groups=groups, output_order=output_order, last_token_index=last.to(device))
+    if not torch.equal(order_t, torch.arange(len(order_t))):
+        output_order = torch.empty_like(order_t)
+        output_order[order_t] = torch.arange(len(order_t))
+        output_order = output_order.to(device)
+    for group in groups:
+        group.token_index = group.token_index.to(device)
+        for view in {id(group.global_view): group.global_view, id(group.window_view): group.window_view}.values():
+            view.block_tables, view.mask = view.block_tables.to(device), view.mask.to(device)
+    return AttentionMetadata(slot_mapping=slots.to(device), groups=groups, output_order=output_order,
+                             last_token_index=last)
 
 
 def positions_of(query_lens: Sequence[int], cached_lens: Sequence[int],
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """(T,) int64 positions of the flattened new tokens."""
-    pos = [p for q, c in zip(query_lens, cached_lens) for p in range(c, c + q)]
-    return torch.tensor(pos, dtype=torch.int64, device=device)
+    if all(n == 1 for n in query_lens):  # a decode step: one position per sequence
+        return torch.tensor(cached_lens, dtype=torch.int64).to(device)
+    q = torch.tensor(query_lens, dtype=torch.int64)
+    starts = torch.cumsum(q, 0) - q
+    flat = torch.arange(int(q.sum())) - torch.repeat_interleave(starts - torch.tensor(cached_lens), q)
+    return flat.to(device)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     """Blocks that hold `num_tokens` positions."""
     return math.ceil(num_tokens / block_size)
-
-
-def _cumulative(values: Sequence[int]):
-    total = 0
-    for v in values:
-        total += v
-        yield total

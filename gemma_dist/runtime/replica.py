@@ -1,61 +1,81 @@
 """A Ray replica: `tp` ShardWorker actors plus one Coordinator actor in one placement group.
 
 The coordinator runs the engine's scheduler, tokenizer and detokenizer; each step it sends
-the small plan to every shard worker at once and gets token ids back from rank 0. The gateway
-holds a `RayReplica` handle and streams a request's deltas from the coordinator.
+a small plan (changes only, see gemma_dist.engine.step_plan) to every shard worker at once
+and gets token ids back from rank 0. The gateway holds a `RayReplica` handle: requests go to
+the coordinator in batches, and every step's deltas for all requests come back in one
+message (`Coordinator.poll`), demultiplexed to the request streams in the gateway.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import itertools
+import logging
+import time
+import uuid
 from typing import AsyncIterator
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from gemma_dist.engine.llm_engine import AsyncLLMEngine, EngineConfig, EngineStats, LLMEngine, RequestDelta
-from gemma_dist.engine.model_runner import StepInput
+from gemma_dist.engine.llm_engine import AsyncLLMEngine, EngineConfig, EngineStats, EngineStoppedError, LLMEngine, \
+    RequestDelta
+from gemma_dist.engine.step_plan import StepPlan
 from gemma_dist.runtime import ReplicaFailure
 from gemma_dist.runtime.worker import ShardWorker
 from gemma_dist.sampling import SampleResult, SamplingParams
 
+log = logging.getLogger(__name__)
+POLL_SECONDS = 1.0  # a poll with nothing to report returns after this long
+
+
+class _RemoteStep:
+    """A step running on every rank; `result()` waits for all of them (rank 0's tokens)."""
+
+    def __init__(self, refs: list, timeout: float):
+        self.refs, self.timeout = refs, timeout
+
+    def result(self) -> SampleResult:
+        """Rank 0's SampleResult; raises if a rank failed or the watchdog expired."""
+        try:
+            return ray.get(self.refs, timeout=self.timeout)[0]
+        except ray.exceptions.GetTimeoutError as e:
+            raise RuntimeError(f"step exceeded the {self.timeout:g}s watchdog (a hung collective?)") from e
+
 
 class RemoteRunner:
-    """Runs each step on all shard workers at once; rank 0's sampled tokens are the result.
+    """Runs each step plan on all shard workers at once; rank 0's sampled tokens are the result.
 
-    Seeded requests' generators live on rank 0 (a generator must advance across steps), so
-    only the seed travels, and finished requests are released there on the next step.
+    Plans carry only changes, since every worker keeps the persistent batch. `submit` returns
+    as soon as the plan is on its way, so the engine can postprocess the previous step
+    meanwhile (one step in flight at a time; an actor runs its calls in order).
     """
 
     def __init__(self, workers: list, step_timeout: float = 120.0):
         self.workers = workers
         self.step_timeout = step_timeout  # watchdog: a step (a collective) hung longer fails the replica
-        self._released: list[str] = []
 
-    def execute(self, steps: list[StepInput]) -> SampleResult:
+    def submit(self, plan: StepPlan) -> _RemoteStep:
+        """Send one step to every rank."""
+        return _RemoteStep([w.execute_plan.remote(plan) for w in self.workers], self.step_timeout)
+
+    def execute_plan(self, plan: StepPlan) -> SampleResult:
         """One step on every rank; blocks until they finish."""
-        seeds, wire = {}, []
-        for step in steps:
-            if step.sampling is not None and step.sampling.generator is not None:
-                seeds[step.request_id] = step.sampling.params.seed
-                step = dataclasses.replace(step, sampling=dataclasses.replace(step.sampling, generator=None))
-            wire.append(step)
-        released, self._released = self._released, []
-        refs = [w.execute.remote(wire, seeds, released) for w in self.workers]
-        try:
-            return ray.get(refs, timeout=self.step_timeout)[0]
-        except ray.exceptions.GetTimeoutError as e:
-            raise RuntimeError(f"step exceeded the {self.step_timeout:g}s watchdog (a hung collective?)") from e
-
-    def release(self, request_id: str) -> None:
-        """Forget a finished request's generator (at the next step)."""
-        self._released.append(request_id)
+        return self.submit(plan).result()
 
 
 class Coordinator:
-    """Per-replica engine (scheduler, tokenizer, detokenizer) driving the shard workers."""
+    """Per-replica engine (scheduler, tokenizer, detokenizer) driving the shard workers.
+
+    An async actor: `submit` and `abort` take batches of requests, and `poll` hands a gateway
+    channel every delta of its requests produced since its last call, in one message. Each
+    channel (a gateway event loop) has its own outbox, so a poll left over from a closed loop
+    never takes another channel's deltas; an outbox nobody polls for `STALE_CHANNEL_SECONDS` is
+    dropped and its requests aborted."""
+
+    STALE_CHANNEL_SECONDS = 60.0
 
     def __init__(self, model: str, variant: str | None, workers: list, num_blocks: int, config: EngineConfig,
                  step_timeout: float = 120.0):
@@ -67,23 +87,153 @@ class Coordinator:
         engine = LLMEngine.with_runner(checkpoint.config, tokenizer, config, RemoteRunner(workers, step_timeout),
                                        num_blocks)
         self.engine = AsyncLLMEngine(engine)
+        self._outboxes: dict[str, _Outbox] = {}
 
     def ready(self) -> bool:
         """True once constructed (the workers are loaded before)."""
         return True
 
-    async def generate(self, request_id: str, params: SamplingParams, engine_input: dict):
-        """Stream a request's deltas (a Ray streaming generator)."""
-        async for delta in self.engine.generate(request_id, params=params, **engine_input):
-            yield delta
+    async def submit(self, channel: str, requests: list[tuple[str, SamplingParams, dict]]) -> None:
+        """Add requests (request id, params, LLMEngine.add_request keyword arguments) for the
+        gateway channel `channel`; their deltas, or their error (ValueError for bad input), come
+        out of that channel's `poll`."""
+        outbox = self._outbox(channel)
+        for request_id, params, inputs in requests:
+            outbox.open.add(request_id)
+            try:
+                self.engine.submit(request_id, lambda item, rid=request_id: outbox.put(rid, item),
+                                   params=params, **inputs)
+            except EngineStoppedError as error:
+                outbox.put(request_id, error)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request and free its blocks."""
-        self.engine.abort(request_id)
+    async def abort(self, request_ids: list[str]) -> None:
+        """Stop requests and free their blocks (each ends with an ABORTED delta)."""
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+
+    async def poll(self, channel: str, timeout: float = POLL_SECONDS) -> list[tuple[str, object]]:
+        """Every (request id, delta or exception) of `channel`'s requests since its last poll, in
+        order; waits up to `timeout` seconds for the first one."""
+        outbox = self._outbox(channel)
+        if not outbox.items:
+            try:
+                await asyncio.wait_for(outbox.news.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return outbox.take()
+
+    def _outbox(self, channel: str) -> "_Outbox":
+        now = time.monotonic()
+        for name, stale in list(self._outboxes.items()):
+            if name != channel and now - stale.touched > self.STALE_CHANNEL_SECONDS:
+                del self._outboxes[name]  # its gateway loop is gone: stop what it left running
+                for request_id in stale.open:
+                    self.engine.abort(request_id)
+        outbox = self._outboxes.get(channel)
+        if outbox is None:
+            outbox = self._outboxes[channel] = _Outbox()
+        outbox.touched = now
+        return outbox
 
     def stats(self) -> EngineStats:
-        """Engine counters."""
+        """Engine counters, with the step-phase times of the coordinator."""
         return self.engine.stats()
+
+
+class _Outbox:
+    """One gateway channel's undelivered items, on the coordinator's event loop."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, object]] = []  # (request id, RequestDelta or exception)
+        self.open: set[str] = set()  # requests without their last item yet
+        self.news = asyncio.Event()
+        self.touched = time.monotonic()  # last submit or poll
+
+    def put(self, request_id: str, item: object) -> None:
+        """A sink on the actor's event loop: queue one item for the next poll."""
+        self.items.append((request_id, item))
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            self.open.discard(request_id)
+        self.news.set()
+
+    def take(self) -> list[tuple[str, object]]:
+        """Everything queued so far."""
+        self.touched = time.monotonic()
+        self.news.clear()
+        items, self.items = self.items, []
+        return items
+
+
+class _Channel:
+    """The gateway's link to one coordinator, on one event loop: batches submissions and aborts
+    into one actor call per loop iteration, and one poller demultiplexes the coordinator's
+    per-step batches of deltas to the request streams."""
+
+    def __init__(self, coordinator, name: str):
+        self.coordinator = coordinator
+        self.name = name
+        self.id = uuid.uuid4().hex  # the coordinator keeps one outbox per channel
+        self.loop = asyncio.get_running_loop()
+        self.streams: dict[str, asyncio.Queue] = {}
+        self._adds: list[tuple[str, SamplingParams, dict]] = []
+        self._aborts: list[str] = []
+        self._flush_scheduled = False
+        self._poller: asyncio.Task | None = None
+        self.failure: ReplicaFailure | None = None
+
+    def open(self, request_id: str, params: SamplingParams, inputs: dict) -> asyncio.Queue:
+        """Register a stream and send the request with this iteration's batch."""
+        queue: asyncio.Queue = asyncio.Queue()
+        if self.failure is not None:
+            queue.put_nowait(self.failure)
+            return queue
+        self.streams[request_id] = queue
+        self._adds.append((request_id, params, inputs))
+        self._schedule_flush()
+        if self._poller is None or self._poller.done():
+            self._poller = self.loop.create_task(self._poll_forever())
+        return queue
+
+    def close(self, request_id: str, abort: bool) -> None:
+        """Forget a stream; `abort` also stops the request in the replica."""
+        self.streams.pop(request_id, None)
+        if abort and self.failure is None:
+            self._aborts.append(request_id)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        adds, self._adds = self._adds, []
+        aborts, self._aborts = self._aborts, []
+        if adds:
+            self.coordinator.submit.remote(self.id, adds)
+        if aborts:
+            self.coordinator.abort.remote(aborts)
+
+    async def _poll_forever(self) -> None:
+        """Move every delta batch into its streams until no stream is open (or the replica fails)."""
+        while self.streams:
+            try:
+                items = await self.coordinator.poll.remote(self.id)
+            except Exception as e:  # noqa: BLE001 - the coordinator is gone (actor died, node lost)
+                self.fail(ReplicaFailure(f"{self.name}: {type(e).__name__}"))
+                return
+            for request_id, item in items:
+                queue = self.streams.get(request_id)
+                if queue is not None:
+                    queue.put_nowait(item)
+
+    def fail(self, failure: ReplicaFailure) -> None:
+        """End every open stream with `failure`."""
+        self.failure = failure
+        for queue in self.streams.values():
+            queue.put_nowait(failure)
+        self.streams.clear()
 
 
 class RayReplica:
@@ -107,6 +257,7 @@ class RayReplica:
         self._ready = False
         self.draining = False  # no new requests (being removed)
         self.rebuilds = 0
+        self._channels: _Channel | None = None  # link to the coordinator (see _channel)
         self._build()
 
     def _build(self) -> None:
@@ -166,32 +317,50 @@ class RayReplica:
         return self._in_flight
 
     async def generate(self, request_id: str, params: SamplingParams, **engine_input) -> AsyncIterator[RequestDelta]:
-        """Stream one request's deltas from the coordinator."""
+        """Stream one request's deltas from the coordinator (engine_input: LLMEngine.add_request's
+        keyword arguments). Bad input raises ValueError; a broken replica ReplicaFailure."""
         self._in_flight += 1
         finished = False
-        coordinator = self.coordinator
+        channel = self._channel()
+        deltas = channel.open(request_id, params, engine_input)
         try:
-            stream = coordinator.generate.options(num_returns="streaming").remote(request_id, params, engine_input)
-            async for ref in stream:
-                delta = await ref
-                finished = delta.finish_reason is not None
-                yield delta
-        except ray.exceptions.RayError as e:
-            if isinstance(e, ValueError):  # the engine's own bad-input error, re-raised by Ray
-                raise
-            raise ReplicaFailure(f"{self.name}: {type(e).__name__}") from e
+            while True:
+                item = await deltas.get()
+                if isinstance(item, ValueError):  # the engine's own bad-input error
+                    finished = True
+                    raise item
+                if isinstance(item, ReplicaFailure):
+                    raise item
+                if isinstance(item, BaseException):  # the engine stopped (a worker died, the watchdog)
+                    raise ReplicaFailure(f"{self.name}: {item}") from item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
         finally:
             self._in_flight -= 1
-            if not finished:
-                coordinator.abort.remote(request_id)
+            channel.close(request_id, abort=not finished)
+
+    def _channel(self) -> _Channel:
+        """The link to the current coordinator on the running event loop (new after a rebuild)."""
+        loop = asyncio.get_running_loop()
+        channel = self._channels
+        if channel is None or channel.loop is not loop or channel.coordinator is not self.coordinator \
+                or channel.failure is not None:
+            channel = self._channels = _Channel(self.coordinator, self.name)
+        return channel
 
     def abort(self, request_id: str) -> None:
         """Stop a request."""
-        self.coordinator.abort.remote(request_id)
+        self.coordinator.abort.remote([request_id])
 
     def stats(self) -> EngineStats:
         """The coordinator's engine counters."""
         return ray.get(self.coordinator.stats.remote())
+
+    def worker_times(self) -> list[dict[str, float]]:
+        """Each shard worker's cumulative step-phase seconds (prepare, forward, sample) and steps."""
+        return ray.get([w.step_times.remote() for w in self.workers])
 
     def num_parameters_per_rank(self) -> list[int]:
         """Parameters held by each shard worker."""

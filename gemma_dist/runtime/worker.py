@@ -4,6 +4,10 @@ It owns its shard of the weights (loaded slice by slice: it never materializes t
 model) and its shard of the paged KV cache, and joins the replica's torch.distributed group
 (gloo on CPU, nccl on GPU) at a rendezvous port picked free by rank 0. Every step all ranks
 run the same plan; rank 0 samples and returns token ids (never logits).
+
+Each worker keeps the replica's requests in a persistent batch (tokens, block tables, sampling
+parameters; rank 0 also their seeded generators), so a step's message carries only changes:
+its size follows the number of scheduled sequences, not their context length.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from gemma_dist.engine.model_runner import ModelRunner, StepInput, kv_bytes_per_token
+from gemma_dist.engine.model_runner import ModelRunner, kv_bytes_per_token
+from gemma_dist.engine.persistent_batch import PlanRunner
+from gemma_dist.engine.step_plan import StepPlan
 from gemma_dist.model.layers import ParallelContext, set_batch_invariant
 from gemma_dist.model.loading import load_model, open_checkpoint
-from gemma_dist.sampling import SampleResult, Sampler, make_generator
+from gemma_dist.sampling import SampleResult, Sampler
 
 
 COLLECTIVE_TIMEOUT_S = 300  # a rank stuck in a collective (its peer died) gives up after this
@@ -41,7 +47,7 @@ class ShardWorker:
         if os.environ.get("GEMMA_DIST_BATCH_INVARIANT") == "1":
             set_batch_invariant(True)
         self.runner: ModelRunner | None = None
-        self._generators: dict[str, torch.Generator] = {}  # seeded requests (rank 0)
+        self.plans: PlanRunner | None = None  # the persistent batch over `runner`
 
     def rendezvous(self) -> tuple[str, int]:
         """(address, free port) for the group's TCP rendezvous; asked of rank 0 only."""
@@ -76,6 +82,7 @@ class ShardWorker:
             raise ValueError(f"kv cache budget {kv_cache_bytes} holds no block of {per_block} bytes")
         self.runner = ModelRunner(model, num_blocks, block_size, Sampler(seed), vocab_limit=vocab_limit,
                                   max_model_len=getattr(config, "max_model_len", None))
+        self.plans = PlanRunner(self.runner, samples=self.rank == 0)
         return num_blocks
 
     def _start_xla(self, kv_cache_bytes: int, block_size: int, seed: int | None, vocab_limit: int, config) -> int:
@@ -91,24 +98,18 @@ class ShardWorker:
             self.runner = XlaModelRunner.from_checkpoint(checkpoint, self.dtype, None, config, vocab_limit)
         finally:
             checkpoint.source.close()
+        self.plans = PlanRunner(self.runner, samples=True)
         return self.runner.num_blocks
 
-    def execute(self, steps: list[StepInput], seeds: dict[str, int] | None = None,
-                released: Sequence[str] = ()) -> SampleResult | None:
-        """Run one step of the replica's plan; rank 0 returns the sampled tokens.
+    def execute_plan(self, plan: StepPlan) -> SampleResult | None:
+        """Apply one step's changes to this rank's persistent batch and run it; rank 0 returns
+        the sampled tokens (with the seconds it spent), the other ranks None."""
+        return self.plans.execute_plan(plan)
 
-        Seeded requests' generators live here on rank 0, since a generator must advance across
-        steps: `seeds` names the requests whose rows use one, `released` those that finished.
-        """
-        for request_id in released:
-            self._generators.pop(request_id, None)
-        if self.rank == 0:
-            for step in steps:
-                if seeds and step.request_id in seeds:
-                    if step.request_id not in self._generators:
-                        self._generators[step.request_id] = make_generator(seeds[step.request_id])
-                    step.sampling.generator = self._generators[step.request_id]
-        return self.runner.execute(steps, sample=self.rank == 0)
+    def step_times(self) -> dict[str, float]:
+        """Cumulative seconds this rank spent per phase (prepare, forward, sample) and steps run."""
+        times = self.plans.times
+        return {"steps": times.steps, "prepare": times.prepare, "forward": times.forward, "sample": times.sample}
 
     def num_parameters(self) -> int:
         """Parameters this rank holds (its shard)."""

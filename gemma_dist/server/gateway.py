@@ -143,11 +143,9 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
     async def _deltas(self, request, context) -> AsyncIterator[tuple[RequestDelta, CheckedRequest]]:
         try:
             checked = check_generate(request, self.served, f"req-{uuid.uuid4().hex[:12]}")
-            if checked.prompt is not None:
-                check_length(len(self.tokenizer.encode(checked.prompt)), checked.params.max_tokens, self.served)
-            elif checked.chat is not None:
-                check_length(len(self.tokenizer.encode_chat(checked.chat)), checked.params.max_tokens, self.served,
-                             "chat")
+            if checked.prompt_token_ids is None:  # tokenized once, here; the ids travel to the replica
+                check_length(len(checked.tokenize(self.tokenizer)), checked.params.max_tokens, self.served,
+                             "chat" if checked.chat is not None else "prompt")
         except ValidationError as e:
             code = grpc.StatusCode.NOT_FOUND if e.not_found else grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(e))

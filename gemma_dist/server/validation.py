@@ -40,15 +40,28 @@ class CheckedRequest:
 
     request_id: str
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None  # given by the request, or the gateway's tokenization
     chat: list[dict[str, str]] | None = None
     params: SamplingParams = _DEFAULTS
+    tokenized: bool = False  # prompt_token_ids were made here from `prompt` or `chat`
+
+    def tokenize(self, tokenizer) -> list[int]:
+        """Token ids of the input, made once here and sent on (the replica does not tokenize again)."""
+        if self.prompt_token_ids is None:
+            self.prompt_token_ids = (tokenizer.encode_chat(self.chat) if self.chat is not None
+                                     else tokenizer.encode(self.prompt))
+            self.tokenized = True
+        return self.prompt_token_ids
 
     def engine_input(self) -> dict[str, Any]:
-        """Keyword arguments for LLMEngine.add_request / AsyncLLMEngine.generate."""
-        if self.chat is not None:
-            return {"chat": self.chat}
-        return {"prompt": self.prompt if self.prompt is not None else self.prompt_token_ids}
+        """Keyword arguments for LLMEngine.add_request / AsyncLLMEngine.generate: the token ids,
+        with the text they came from and whether they are a rendered chat (it stops at
+        <end_of_turn>), when the gateway tokenized them."""
+        if not self.tokenized:
+            if self.chat is not None:
+                return {"chat": self.chat}
+            return {"prompt": self.prompt if self.prompt is not None else self.prompt_token_ids}
+        return {"prompt": self.prompt_token_ids, "prompt_text": self.prompt, "chat_template": self.chat is not None}
 
 
 def check_model(name: str, served: ServedModel, field: str = "model") -> None:

@@ -1,0 +1,213 @@
+"""The runner side of a step plan: a persistent batch updated in place, and the step's tensors.
+
+Every runner of a replica (the in-process engine's, or each tensor-parallel shard worker) keeps
+one `PersistentBatch`: per slot, a request's prompt and output tokens (for the penalties and for
+prompt chunks), its sampling parameters and, where it samples, its seeded generator; and one
+(slots, blocks) tensor of block tables. A `StepPlan` changes only what moved (see
+gemma_dist.engine.step_plan), and `prepare` builds the step's inputs with vectorized ops over
+that tensor, so the host work of a step grows with its rows, not with their context length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from gemma_dist.engine.step_plan import StepPlan
+from gemma_dist.model.attention import AttentionMetadata, metadata_from_tables
+from gemma_dist.sampling import SampleResult, SamplingParams, SamplingRow, make_generator
+
+
+class _Row:
+    """One request's state in the batch."""
+
+    __slots__ = ("request_id", "prompt", "output", "params", "generator", "num_blocks")
+
+    def __init__(self, request_id: str, prompt: list[int], output: list[int], params: SamplingParams,
+                 generator: torch.Generator | None):
+        self.request_id = request_id
+        self.prompt = prompt  # prompt token ids
+        self.output = output  # generated token ids, appended as the plans report them
+        self.params = params
+        self.generator = generator  # seeded requests, on a runner that samples
+        self.num_blocks = 0  # valid entries of its block-table row
+
+    def token_at(self, position: int) -> int:
+        """The token at `position` of prompt + output."""
+        prompt = len(self.prompt)
+        return self.prompt[position] if position < prompt else self.output[position - prompt]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output."""
+        prompt = len(self.prompt)
+        if start >= prompt:
+            return self.output[start - prompt: stop - prompt]
+        if stop <= prompt:
+            return self.prompt[start:stop]
+        return self.prompt[start:] + self.output[: stop - prompt]
+
+
+@dataclasses.dataclass
+class PreparedStep:
+    """A step's model inputs, built from the persistent batch."""
+
+    input_ids: torch.Tensor  # (T,) int64 on the runner's device
+    positions: torch.Tensor  # (T,) int64
+    meta: AttentionMetadata
+    sampling: list[SamplingRow]  # one per sampling row, in row order
+    sample_rows: list[int]  # which rows sample (indices into the plan's rows)
+    num_cached: list[int]  # per row (CUDA-graph decode reads these)
+    tables: torch.Tensor  # (B, W) int64 CPU block tables of the step's rows
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """Cumulative seconds a runner spent per phase, for the overhead benchmark and metrics."""
+
+    steps: int = 0
+    prepare: float = 0.0  # applying the plan and building the step's tensors
+    forward: float = 0.0  # the model, logits included
+    sample: float = 0.0  # picking tokens (rank 0), with the vocab-parallel exchange at tp > 1
+
+
+class PersistentBatch:
+    """Requests in flight on one runner, numbered by slot; updated in place by StepPlans."""
+
+    def __init__(self, block_size: int, samples: bool = True):
+        """samples: this runner picks tokens (rank 0, or in-process), so seeded requests get
+        their generator here, created once and kept across preemptions."""
+        self.block_size = block_size
+        self.samples = samples
+        self.rows: list[_Row | None] = []
+        self.tables = torch.zeros((16, 16), dtype=torch.int64)  # (capacity, width); grows by doubling
+
+    def __len__(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def apply(self, plan: StepPlan) -> None:
+        """Bring the batch up to date with the plan's changes."""
+        for slot in plan.removed:
+            self.rows[slot] = None
+        for new in plan.added:
+            self._ensure_rows(new.slot + 1)
+            generator = make_generator(new.params.seed) if self.samples and new.params.seed is not None else None
+            self.rows[new.slot] = _Row(new.request_id, list(new.prompt_token_ids), list(new.output_token_ids),
+                                       new.params, generator)
+        for slot in plan.reset:
+            self.rows[slot].num_blocks = 0
+        if plan.block_updates:
+            self._write_blocks(plan.block_updates)
+        rows = self.rows
+        for slot, token in plan.appended:
+            rows[slot].output.append(token)
+
+    def _write_blocks(self, updates: list[tuple[int, int, list[int]]]) -> None:
+        """Append blocks to table rows with one scatter."""
+        flat_rows, flat_cols, values = [], [], []
+        widest = 0
+        for slot, index, blocks in updates:
+            end = index + len(blocks)
+            flat_rows.extend([slot] * len(blocks))
+            flat_cols.extend(range(index, end))
+            values.extend(blocks)
+            self.rows[slot].num_blocks = end
+            widest = max(widest, end)
+        self._ensure_width(widest)
+        self.tables[flat_rows, flat_cols] = torch.tensor(values, dtype=torch.int64)
+
+    def _ensure_rows(self, count: int) -> None:
+        if len(self.rows) < count:
+            self.rows.extend([None] * (count - len(self.rows)))
+        if self.tables.shape[0] < count:
+            grown = torch.zeros((max(count, 2 * self.tables.shape[0]), self.tables.shape[1]), dtype=torch.int64)
+            grown[: self.tables.shape[0]] = self.tables
+            self.tables = grown
+
+    def _ensure_width(self, width: int) -> None:
+        if self.tables.shape[1] < width:
+            grown = torch.zeros((self.tables.shape[0], max(width, 2 * self.tables.shape[1])), dtype=torch.int64)
+            grown[:, : self.tables.shape[1]] = self.tables
+            self.tables = grown
+
+    def prepare(self, plan: StepPlan, device: torch.device, use_kernel: bool = False,
+                sliding_window: int | None = None) -> PreparedStep:
+        """The step's tensors: token ids, positions, attention metadata, sampling rows."""
+        bs = self.block_size
+        rows = [self.rows[slot] for slot in plan.slots]
+        ids: list[int] = []
+        width = 1
+        for row, cached, n in zip(rows, plan.num_cached, plan.num_tokens):
+            if row.num_blocks * bs < cached + n:
+                raise ValueError(f"request {row.request_id}: its block table covers {row.num_blocks * bs} "
+                                 f"positions, the step needs {cached + n}")
+            if n == 1:
+                ids.append(row.token_at(cached))
+            else:
+                ids.extend(row.tokens(cached, cached + n))
+            width = max(width, (cached + n - 1) // bs + 1)
+        slots = torch.tensor(plan.slots, dtype=torch.int64)
+        tables = self.tables[:, :width].index_select(0, slots)  # (B, W)
+        meta = metadata_from_tables(plan.num_tokens, plan.num_cached, tables, bs, sliding_window, device, use_kernel)
+        positions = _positions(plan.num_tokens, plan.num_cached).to(device)
+        sample_rows = [i for i, s in enumerate(plan.samples) if s]
+        sampling = [SamplingRow(rows[i].params, rows[i].prompt, rows[i].output, rows[i].generator)
+                    for i in sample_rows]
+        return PreparedStep(torch.tensor(ids, dtype=torch.int64).to(device), positions, meta, sampling, sample_rows,
+                            list(plan.num_cached), tables)
+
+    def step_inputs(self, plan: StepPlan) -> list:
+        """The step as full `StepInput`s (for runners without a persistent-batch path: XLA).
+        Builds every row's whole block table: cost grows with context length."""
+        from gemma_dist.engine.model_runner import StepInput
+
+        inputs = []
+        for slot, cached, n, samples in zip(plan.slots, plan.num_cached, plan.num_tokens, plan.samples):
+            row = self.rows[slot]
+            sampling = SamplingRow(row.params, row.prompt, row.output, row.generator) if samples else None
+            table = self.tables[slot, : row.num_blocks].tolist()
+            inputs.append(StepInput(row.tokens(cached, cached + n), cached, table, sampling, row.request_id))
+        return inputs
+
+
+def _positions(query_lens: list[int], cached_lens: list[int]) -> torch.Tensor:
+    from gemma_dist.model.attention import positions_of
+
+    return positions_of(query_lens, cached_lens)
+
+
+class PlanRunner:
+    """Runs StepPlans: applies each to a PersistentBatch, then executes it on a model runner
+    (`ModelRunner`'s vectorized path, or any runner taking `StepInput`s, e.g. XLA's)."""
+
+    def __init__(self, runner, samples: bool = True):
+        """samples: this runner returns tokens (False on tensor-parallel ranks other than 0)."""
+        self.runner = runner
+        self.samples = samples
+        self.batch = PersistentBatch(runner.block_size, samples)
+        self.times = StepTimes()
+
+    def execute_plan(self, plan: StepPlan) -> SampleResult | None:
+        """Apply the plan and run its rows; tokens for its sampling rows (None where this
+        runner does not sample), with `runner_seconds` set to the time spent here."""
+        start = time.perf_counter()
+        self.batch.apply(plan)
+        if not plan.slots:
+            return SampleResult([], []) if self.samples else None
+        self.times.steps += 1
+        execute_prepared = getattr(self.runner, "execute_prepared", None)
+        if execute_prepared is None:
+            steps = self.batch.step_inputs(plan)
+            self.times.prepare += time.perf_counter() - start
+            result = self.runner.execute(steps, sample=self.samples)
+        else:
+            prepared = self.runner.prepare(self.batch, plan)
+            self.times.prepare += time.perf_counter() - start
+            result = execute_prepared(prepared, sample=self.samples, times=self.times)
+        if result is not None:
+            result.runner_seconds = time.perf_counter() - start
+        return result
+
+    def release(self, request_id: str) -> None:
+        """Nothing to do: finished requests leave through the next plan's `removed`."""
