@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory", type=float, default=2 * 2**30,
                        help="KV cache budget per replica: bytes (> 1) or a fraction of memory (<= 1)")
     serve.add_argument("--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-num-seqs", type=int, default=64,
+                       help="sequences per engine step, per replica (decoding + prefilling)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="new tokens per engine step, per replica (prompt chunks + decodes; >= --max-num-seqs)")
     serve.add_argument("--max-queued-requests", type=int, default=None,
                        help="requests waiting for their first token, over all replicas; more fail at once "
                             "with RESOURCE_EXHAUSTED (default: unbounded)")
@@ -113,6 +117,11 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--placement-timeout must be > 0, got {args.placement_timeout:g}")
     if args.threads_per_worker < 0:
         raise ValueError(f"--threads-per-worker must be >= 0, got {args.threads_per_worker}")
+    if args.max_num_seqs < 1:
+        raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if args.max_num_batched_tokens < args.max_num_seqs:
+        raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be >= --max-num-seqs "
+                         f"({args.max_num_seqs})")
 
 
 def serve_settings(args: argparse.Namespace) -> dict:

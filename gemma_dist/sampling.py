@@ -234,7 +234,8 @@ class SampleResult:
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
-    runner_seconds: float = 0.0  # host time the runner spent on the step (set by the runner; for metrics)
+    # Seconds the runner spent on the step: (prepare, forward, sample); set by the runner, for metrics.
+    runner_times: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -261,13 +262,16 @@ class Sampler:
         # "work" full-vocabulary temporaries (weights, logsumexp).
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-        """Sample one token per row; `logits` (B, V) is left untouched."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 log_norm: torch.Tensor | None = None) -> SampleResult:
+        """Sample one token per row; `logits` (B, V) is left untouched. `log_norm` (B,): the rows'
+        logsumexp over the whole vocabulary, when `logits` hold only candidates of it (the
+        vocab-parallel path): logprobs are then taken against it."""
         logits = _as_batch_logits(logits, rows)  # (B, V) fp32, contiguous
         if not rows:
             return SampleResult(token_ids=[], logprobs=[])
         token_ids = self._choose_tokens(logits, rows)  # (B,)
-        logprobs = self._collect_logprobs(logits, token_ids, rows)
+        logprobs = self._collect_logprobs(logits, token_ids, rows, log_norm)
         return SampleResult(token_ids=token_ids.tolist(), logprobs=logprobs)
 
     # -- tokens --------------------------------------------------------------------------------
@@ -337,14 +341,15 @@ class Sampler:
     # -- logprobs ------------------------------------------------------------------------------
 
     def _collect_logprobs(
-        self, logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
+        self, logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow],
+        given_log_norm: torch.Tensor | None = None,
     ) -> list[TokenLogprob | None]:
         wanted = [i for i, row in enumerate(rows) if row.params.logprobs > 0]
         result: list[TokenLogprob | None] = [None] * len(rows)
         if not wanted:
             return result
         raw = logits if len(wanted) == len(rows) else logits[wanted]  # (n, V) raw model logits
-        log_norm = self._logsumexp(raw)  # (n, 1)
+        log_norm = self._logsumexp(raw) if given_log_norm is None else given_log_norm[wanted][:, None]  # (n, 1)
         chosen = raw.gather(1, token_ids[wanted][:, None]) - log_norm  # (n, 1)
         most = min(max(rows[i].params.logprobs for i in wanted), logits.shape[1])
         top_logits, top_ids = blockwise_topk(raw, most)  # (n, most) best first
@@ -412,16 +417,19 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return penalized
 
 
-def _apply_penalties_(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """In place on a contiguous (B, V) tensor: repetition first, then frequency / presence."""
-    _apply_repetition_penalty_(logits, rows)
-    _apply_frequency_presence_penalties_(logits, rows)
+def _apply_penalties_(logits: torch.Tensor, rows: Sequence[SamplingRow], offset: int | None = None) -> None:
+    """In place on a contiguous (B, V) tensor: repetition first, then frequency / presence.
+    `offset` (None: the whole vocabulary): the logits are the vocabulary slice [offset, offset + V)
+    of a tensor-parallel shard; tokens outside it are skipped."""
+    _apply_repetition_penalty_(logits, rows, offset)
+    _apply_frequency_presence_penalties_(logits, rows, offset)
 
 
-def _apply_repetition_penalty_(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+def _apply_repetition_penalty_(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                               offset: int | None = None) -> None:
     vocab_size = logits.shape[1]
     penalized = [
-        (i, _token_tensor(row.prompt_token_ids, row.output_token_ids, vocab_size=vocab_size))
+        (i, _token_tensor(row.prompt_token_ids, row.output_token_ids, vocab_size=vocab_size, offset=offset))
         for i, row in enumerate(rows)
         if row.params.repetition_penalty != 1.0
     ]
@@ -438,10 +446,11 @@ def _apply_repetition_penalty_(logits: torch.Tensor, rows: Sequence[SamplingRow]
     flat[flat_index] = torch.where(values > 0, values / penalty, values * penalty)
 
 
-def _apply_frequency_presence_penalties_(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+def _apply_frequency_presence_penalties_(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                                         offset: int | None = None) -> None:
     vocab_size = logits.shape[1]
     penalized = [
-        (i, _token_tensor(row.output_token_ids, vocab_size=vocab_size))
+        (i, _token_tensor(row.output_token_ids, vocab_size=vocab_size, offset=offset))
         for i, row in enumerate(rows)
         if row.params.frequency_penalty != 0.0 or row.params.presence_penalty != 0.0
     ]
@@ -459,14 +468,19 @@ def _apply_frequency_presence_penalties_(logits: torch.Tensor, rows: Sequence[Sa
     flat[flat_index] = flat[flat_index] - penalty
 
 
-def _token_tensor(*token_lists: Sequence[int], vocab_size: int) -> torch.Tensor:
-    """The concatenated token ids as a (T,) long tensor, checked to lie in [0, V)."""
+def _token_tensor(*token_lists: Sequence[int], vocab_size: int, offset: int | None = None) -> torch.Tensor:
+    """The concatenated token ids as a (T,) long tensor, checked to lie in [0, V). With an
+    `offset` the logits are a vocabulary shard [offset, offset + V): ids are shifted into it and
+    those outside it dropped."""
     ids = torch.cat(
         [torch.as_tensor(tokens, dtype=torch.long).reshape(-1) for tokens in token_lists]
     )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must be in [0, {vocab_size}) for penalties")
-    return ids
+    if offset is None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"token ids must be in [0, {vocab_size}) for penalties")
+        return ids
+    ids = ids - offset
+    return ids[(ids >= 0) & (ids < vocab_size)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,3 +645,127 @@ def blockwise_topk(
     # Position p in the candidates is offset p % block in block best_blocks[p // block].
     token_ids = best_blocks.gather(1, positions // block) * block + positions % block  # (n, k)
     return values, token_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary-parallel sampling: tensor-parallel ranks each hold a slice of the logits
+
+
+MAX_SHARD_CANDIDATES = 1024  # rows needing more candidates per shard than this gather whole rows
+
+
+def shard_candidates(row: SamplingRow) -> int | None:
+    """Best tokens a row needs from each vocabulary shard, or None when it needs the whole row.
+
+    Greedy rows need 1, top-k rows k, plus the logprobs they report. The union of every shard's
+    best k holds the row's global best k, so sampling from it picks what the whole row would.
+    Rows without top-k (nucleus, full vocabulary) and rows that report logprobs of penalized
+    logits (logprobs are of the raw logits, the choice of the penalized ones) need whole rows."""
+    params = row.params
+    if params.is_greedy:
+        k = 1
+    elif 0 < params.top_k <= MAX_SHARD_CANDIDATES:
+        k = params.top_k
+    else:
+        return None
+    if params.logprobs:
+        if params.has_penalties:
+            return None
+        k = max(k, params.logprobs)
+    return k
+
+
+def sample_vocab_parallel(local: torch.Tensor, rows: Sequence[SamplingRow], vocab_start: int, vocab_size: int,
+                          gather_last_dim, sampler: Sampler | None) -> SampleResult | None:
+    """Sample over logits split by vocabulary across tensor-parallel ranks, moving candidates
+    instead of whole rows. Every rank calls this with the same rows (collectives inside).
+
+    local: (S, V_local) fp32, this rank's logits for ids [vocab_start, vocab_start + V_local);
+    ids >= vocab_size (padding, or beyond the tokenizer) are never picked. gather_last_dim:
+    concatenates every rank's tensor along the last dim (rank order). sampler: rank 0's (it
+    draws the random numbers), None elsewhere (returns None).
+
+    Rows that need candidates (`shard_candidates`) send each shard's penalized top-K (values,
+    ids) and its raw logsumexp: (S, 2K + 1) floats per rank instead of (S, V_local). Rank 0 puts
+    the candidates in id order and runs the ordinary sampler on them, so ties, top-k, top-p,
+    min-p and seeded draws behave as on whole rows; logprobs use the combined logsumexp. The
+    other rows gather whole rows and are sampled as at tp=1."""
+    width = local.shape[1]
+    limit = vocab_size - vocab_start  # columns at or past it are no token
+    if limit < width:
+        local = local.clone()
+        local[:, max(0, limit):] = float("-inf")
+    wanted = [shard_candidates(row) for row in rows]
+    picks = [i for i, k in enumerate(wanted) if k is not None]
+    whole = [i for i, k in enumerate(wanted) if k is None]
+    token_ids = [0] * len(rows)
+    logprobs: list[TokenLogprob | None] = [None] * len(rows)
+    if picks:
+        mine = local if len(picks) == len(rows) else local[picks]
+        chosen = _sample_from_candidates(mine, [rows[i] for i in picks], max(wanted[i] for i in picks),
+                                         vocab_start, gather_last_dim, sampler)
+        if chosen is not None:
+            for j, i in enumerate(picks):
+                token_ids[i], logprobs[i] = chosen.token_ids[j], chosen.logprobs[j]
+    if whole:
+        full = gather_last_dim(local[whole].contiguous())[:, :vocab_size]  # (W, V)
+        if sampler is not None:
+            chosen = sampler(full, [rows[i] for i in whole])
+            for j, i in enumerate(whole):
+                token_ids[i], logprobs[i] = chosen.token_ids[j], chosen.logprobs[j]
+    return SampleResult(token_ids, logprobs) if sampler is not None else None
+
+
+def _sample_from_candidates(local: torch.Tensor, rows: list[SamplingRow], k: int, vocab_start: int,
+                            gather_last_dim, sampler: Sampler | None) -> SampleResult | None:
+    """The candidate exchange of `sample_vocab_parallel`: local (S, V_local) holds these rows."""
+    num_rows, k = local.shape[0], min(k, local.shape[1])
+    penalized = local
+    if any(row.params.has_penalties for row in rows):
+        penalized = local.clone()
+        _apply_penalties_(penalized, rows, offset=vocab_start)
+    if k == 1:  # greedy only: the first index among equal maxima, as the whole row's argmax
+        ids = blockwise_argmax(penalized.contiguous())[:, None]
+        values = penalized.gather(1, ids)
+    else:
+        values, ids = blockwise_topk(penalized.contiguous(), k)  # (S, k)
+    # One message per rank: values, ids (exact in fp32 below 2**24) and the raw logsumexp.
+    parts = [values, (ids + vocab_start).float()]
+    with_logprobs = any(row.params.logprobs for row in rows)
+    if with_logprobs:
+        parts.append(_row_logsumexp(local))
+    packed = torch.cat(parts, dim=1)  # (S, 2k [+ 1])
+    gathered = gather_last_dim(packed.contiguous())  # (S, tp * width)
+    if sampler is None:
+        return None
+    blocks = gathered.view(num_rows, -1, packed.shape[1])  # (S, tp, width)
+    candidate_ids = blocks[:, :, k: 2 * k].reshape(num_rows, -1).long()  # (S, tp * k)
+    order = candidate_ids.argsort(dim=1)  # id order: ties resolve to the lowest id, as on whole rows
+    candidate_ids = candidate_ids.gather(1, order)
+    candidates = blocks[:, :, :k].reshape(num_rows, -1).gather(1, order).contiguous()
+    log_norm = None
+    if with_logprobs:
+        shard_norms = blocks[:, :, 2 * k]  # (S, tp)
+        top = shard_norms.amax(dim=1, keepdim=True)
+        log_norm = (top + (shard_norms - top).exp().sum(dim=1, keepdim=True).log()).squeeze(1)  # (S,)
+    plain = [row if not row.params.has_penalties else SamplingRow(  # penalties were applied on the shards
+        _without_penalties(row.params), row.prompt_token_ids, row.output_token_ids, row.generator) for row in rows]
+    result = sampler(candidates, plain, log_norm)
+    token_ids = candidate_ids.gather(1, torch.tensor(result.token_ids)[:, None]).squeeze(1).tolist()
+    logprobs = [None if lp is None else TokenLogprob(
+        token_ids[j], lp.logprob, [(int(candidate_ids[j, position]), value) for position, value in lp.top])
+        for j, lp in enumerate(result.logprobs)]
+    return SampleResult(token_ids, logprobs)
+
+
+def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """(S, V) -> (S, 1) logsumexp, -inf entries allowed (a shard past the vocabulary)."""
+    top = logits.amax(dim=1, keepdim=True)
+    return top + (logits - top).exp().sum(dim=1, keepdim=True).log()
+
+
+def _without_penalties(params: SamplingParams) -> SamplingParams:
+    """The same parameters with repetition / presence / frequency penalties off."""
+    import dataclasses
+
+    return dataclasses.replace(params, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)

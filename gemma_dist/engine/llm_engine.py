@@ -131,14 +131,18 @@ class EngineTimes:
 
     steps: int = 0
     schedule: float = 0.0  # the scheduler's plan, and turning it into a StepPlan
-    execute: float = 0.0  # waiting for the runner (in-process: the model; remote: model + transport)
-    runner: float = 0.0  # of `execute`, the runner's own time (apply plan, forward, sample), as it reports
+    execute: float = 0.0  # handing the step to the runner and waiting for its tokens
+    prepare: float = 0.0  # of `execute`, the runner applying the plan and building tensors (as it reports)
+    forward: float = 0.0  # of `execute`, the runner's model forward with the logits
+    sample: float = 0.0  # of `execute`, the runner picking tokens
     postprocess: float = 0.0  # appending tokens, stop checks, detokenizing, building deltas
 
     def as_dict(self) -> dict[str, float]:
-        """Phase → seconds (transport = execute - runner)."""
-        return {"schedule": self.schedule, "execute": self.execute, "runner": self.runner,
-                "transport": max(0.0, self.execute - self.runner), "postprocess": self.postprocess}
+        """Phase → seconds. transport = execute minus the runner's own time: serializing, sending,
+        waiting for the slowest rank (0 in process)."""
+        runner = self.prepare + self.forward + self.sample
+        return {"schedule": self.schedule, "prepare": self.prepare, "forward": self.forward, "sample": self.sample,
+                "postprocess": self.postprocess, "transport": max(0.0, self.execute - runner)}
 
 
 @dataclasses.dataclass
@@ -363,7 +367,10 @@ class LLMEngine:
             result = result.result()
         waited = time.perf_counter()
         self.times.execute += waited - start
-        self.times.runner += getattr(result, "runner_seconds", 0.0) or 0.0
+        prepare, forward, sample = result.runner_times
+        self.times.prepare += prepare
+        self.times.forward += forward
+        self.times.sample += sample
         self.times.steps += 1
         self.scheduler.on_step_done(in_flight.plan)
         appended = []

@@ -15,7 +15,7 @@ import torch
 
 from gemma_dist.model.attention import allocate_kv_cache, build_attention_metadata, positions_of
 from gemma_dist.model.gemma import GemmaForCausalLM
-from gemma_dist.sampling import Sampler, SampleResult, SamplingRow
+from gemma_dist.sampling import Sampler, SampleResult, SamplingRow, sample_vocab_parallel
 
 if TYPE_CHECKING:
     from gemma_dist.engine.persistent_batch import PreparedStep
@@ -103,7 +103,9 @@ class ModelRunner:
             if not rows:
                 return SampleResult(token_ids=[], logprobs=[]) if sample else None
             last = meta.last_token_index[torch.tensor(rows, device=self.device)]
-            logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32, gathered over ranks
+            if self.model.parallel.communicates:
+                return self._sample_sharded(hidden[last], [steps[i].sampling for i in rows], sample)
+            logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32
         if not sample:
             return None
         if not rows:
@@ -120,6 +122,7 @@ class ModelRunner:
         """`execute` for a step built by a persistent batch (`prepare`); adds phase times to `times`."""
         start = time.perf_counter()
         rows = step.sample_rows
+        sharded = False  # logits are this rank's vocabulary slice (tensor parallel)
         if self.decode_graphs is not None and self.decode_graphs.fits_prepared(step):
             out = self.decode_graphs.run_prepared(step)  # (B, vocab)
             logits = out[rows] if rows else None
@@ -130,17 +133,42 @@ class ModelRunner:
                 last = step.meta.last_token_index
                 if len(rows) < len(step.num_cached):
                     last = last[torch.tensor(rows, device=self.device)]
-                logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32, gathered over ranks
+                sharded = self.model.parallel.communicates  # vocab-parallel: candidates cross ranks, not rows
+                if sharded:
+                    logits = self.model.compute_logits(hidden[last], gather=False)  # (S, V_local)
+                else:
+                    logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32
         sampled = time.perf_counter()
         if times is not None:
             times.forward += sampled - start
-        if not sample:
-            return None
-        result = SampleResult(token_ids=[], logprobs=[]) if not rows else \
-            sample_rows(self.sampler, logits, step.sampling, self.vocab_limit)
+        if not rows:
+            result = SampleResult(token_ids=[], logprobs=[]) if sample else None
+        elif sharded:
+            result = self._sample_local_logits(logits, step.sampling, sample)
+        else:
+            result = sample_rows(self.sampler, logits, step.sampling, self.vocab_limit) if sample else None
         if times is not None:
             times.sample += time.perf_counter() - sampled
         return result
+
+    def _sample_sharded(self, hidden: torch.Tensor, rows: Sequence[SamplingRow], sample: bool) -> SampleResult | None:
+        """Tensor-parallel sampling from the sampling rows' hidden states (S, H)."""
+        return self._sample_local_logits(self.model.compute_logits(hidden, gather=False), rows, sample)
+
+    def _sample_local_logits(self, local: torch.Tensor, rows: Sequence[SamplingRow],
+                             sample: bool) -> SampleResult | None:
+        """Every rank: its vocabulary slice (S, V_local) of the logits; rank 0 (sample=True) gets
+        the tokens. Ids at or past the tokenizer's vocabulary are never picked."""
+        embed = self.model.embed
+        limit = min(self.vocab_limit or embed.vocab_size, embed.vocab_size)
+        if local.device.type != "cpu":
+            local = local.float().cpu()
+        return sample_vocab_parallel(local, rows, embed.vocab_start, limit, self._gather_last_dim,
+                                     self.sampler if sample else None)
+
+    def _gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' `x` side by side (on the collective's device, back on the host)."""
+        return self.model.parallel.all_gather_last_dim(x.to(self.device)).cpu()
 
     @torch.inference_mode()
     def logits(self, steps: Sequence[StepInput]) -> torch.Tensor:

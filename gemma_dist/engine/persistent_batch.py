@@ -71,6 +71,13 @@ class StepTimes:
     forward: float = 0.0  # the model, logits included
     sample: float = 0.0  # picking tokens (rank 0), with the vocab-parallel exchange at tp > 1
 
+    def add(self, other: "StepTimes") -> None:
+        """Accumulate another step's (or total's) times."""
+        self.steps += other.steps
+        self.prepare += other.prepare
+        self.forward += other.forward
+        self.sample += other.sample
+
 
 class PersistentBatch:
     """Requests in flight on one runner, numbered by slot; updated in place by StepPlans."""
@@ -195,18 +202,20 @@ class PlanRunner:
         self.batch.apply(plan)
         if not plan.slots:
             return SampleResult([], []) if self.samples else None
-        self.times.steps += 1
+        step = StepTimes(steps=1)
         execute_prepared = getattr(self.runner, "execute_prepared", None)
         if execute_prepared is None:
             steps = self.batch.step_inputs(plan)
-            self.times.prepare += time.perf_counter() - start
+            step.prepare = time.perf_counter() - start
             result = self.runner.execute(steps, sample=self.samples)
+            step.forward = time.perf_counter() - start - step.prepare  # forward and sampling together
         else:
             prepared = self.runner.prepare(self.batch, plan)
-            self.times.prepare += time.perf_counter() - start
-            result = execute_prepared(prepared, sample=self.samples, times=self.times)
+            step.prepare = time.perf_counter() - start
+            result = execute_prepared(prepared, sample=self.samples, times=step)
+        self.times.add(step)
         if result is not None:
-            result.runner_seconds = time.perf_counter() - start
+            result.runner_times = (step.prepare, step.forward, step.sample)
         return result
 
     def release(self, request_id: str) -> None:

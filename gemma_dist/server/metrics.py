@@ -32,6 +32,11 @@ class GatewayMetrics:
         self.kv_blocks_used = Gauge("gemma_kv_blocks_used", "KV-cache blocks in use", ["replica"], registry=r)
         self.kv_blocks_total = Gauge("gemma_kv_blocks_total", "KV-cache blocks", ["replica"], registry=r)
         self.replicas_ready = Gauge("gemma_replicas_ready", "Replicas ready to serve", registry=r)
+        self.engine_steps = Gauge("gemma_engine_steps", "Engine steps run by a replica (cumulative)", ["replica"],
+                                  registry=r)
+        self.engine_step_seconds = Gauge(
+            "gemma_engine_step_seconds", "Host seconds a replica's engine spent per step phase (cumulative): "
+            "schedule, prepare, forward, sample, postprocess, transport", ["replica", "phase"], registry=r)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a thread; returns its port."""
@@ -44,3 +49,6 @@ class GatewayMetrics:
         self.running.labels(name).set(stats.running)
         self.kv_blocks_used.labels(name).set(stats.total_blocks - stats.free_blocks)
         self.kv_blocks_total.labels(name).set(stats.total_blocks)
+        self.engine_steps.labels(name).set(stats.steps)
+        for phase, seconds in stats.times.items():
+            self.engine_step_seconds.labels(name, phase).set(seconds)
