@@ -34,15 +34,18 @@ POLL_SECONDS = 1.0  # a poll with nothing to report returns after this long
 class _RemoteStep:
     """A step running on every rank; `result()` waits for all of them (rank 0's tokens)."""
 
-    def __init__(self, refs: list, timeout: float):
-        self.refs, self.timeout = refs, timeout
+    def __init__(self, ref, timeout: float):
+        self.ref, self.timeout = ref, timeout  # a list of actor-call refs, or one compiled-graph ref
 
     def result(self) -> SampleResult:
         """Rank 0's SampleResult; raises if a rank failed or the watchdog expired."""
         try:
-            return ray.get(self.refs, timeout=self.timeout)[0]
-        except ray.exceptions.GetTimeoutError as e:
+            return ray.get(self.ref, timeout=self.timeout)[0]
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayChannelTimeoutError) as e:
             raise RuntimeError(f"step exceeded the {self.timeout:g}s watchdog (a hung collective?)") from e
+
+
+DISPATCH_MODES = ("compiled-graph", "actor-calls")
 
 
 class RemoteRunner:
@@ -50,15 +53,38 @@ class RemoteRunner:
 
     Plans carry only changes, since every worker keeps the persistent batch. `submit` returns
     as soon as the plan is on its way, so the engine can postprocess the previous step
-    meanwhile (one step in flight at a time; an actor runs its calls in order).
+    meanwhile (one step in flight at a time; an actor runs its steps in order).
+
+    dispatch "compiled-graph": a Ray Compiled Graph (`ray.dag`) over the workers' execute_plan,
+    whose shared-memory channels cost ~0.25 ms a step against ~1.5 ms for plain actor calls to
+    two workers (measured on a loaded 2-core host); "actor-calls": one actor call per worker per
+    step. A graph that cannot be compiled falls back to actor calls, with a warning.
     """
 
-    def __init__(self, workers: list, step_timeout: float = 120.0):
+    def __init__(self, workers: list, step_timeout: float = 120.0, dispatch: str = "compiled-graph"):
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}, got {dispatch!r}")
         self.workers = workers
         self.step_timeout = step_timeout  # watchdog: a step (a collective) hung longer fails the replica
+        self.graph = self._compile() if dispatch == "compiled-graph" else None
+        self.dispatch = "compiled-graph" if self.graph is not None else "actor-calls"
+
+    def _compile(self):
+        try:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as plan:
+                dag = MultiOutputNode([w.execute_plan.bind(plan) for w in self.workers])
+            return dag.experimental_compile()
+        except Exception as e:  # noqa: BLE001 - any failure leaves the plain calls, which always work
+            log.warning("cannot compile the step graph (%s: %s); dispatching steps with actor calls",
+                        type(e).__name__, e)
+            return None
 
     def submit(self, plan: StepPlan) -> _RemoteStep:
         """Send one step to every rank."""
+        if self.graph is not None:
+            return _RemoteStep(self.graph.execute(plan), self.step_timeout)
         return _RemoteStep([w.execute_plan.remote(plan) for w in self.workers], self.step_timeout)
 
     def execute_plan(self, plan: StepPlan) -> SampleResult:
@@ -78,20 +104,20 @@ class Coordinator:
     STALE_CHANNEL_SECONDS = 60.0
 
     def __init__(self, model: str, variant: str | None, workers: list, num_blocks: int, config: EngineConfig,
-                 step_timeout: float = 120.0):
+                 step_timeout: float = 120.0, dispatch: str = "compiled-graph"):
         from gemma_dist.model.loading import open_checkpoint
 
         checkpoint = open_checkpoint(model, variant)
         tokenizer = checkpoint.load_tokenizer()
         checkpoint.source.close()
-        engine = LLMEngine.with_runner(checkpoint.config, tokenizer, config, RemoteRunner(workers, step_timeout),
-                                       num_blocks)
+        self.runner = RemoteRunner(workers, step_timeout, dispatch)
+        engine = LLMEngine.with_runner(checkpoint.config, tokenizer, config, self.runner, num_blocks)
         self.engine = AsyncLLMEngine(engine)
         self._outboxes: dict[str, _Outbox] = {}
 
-    def ready(self) -> bool:
-        """True once constructed (the workers are loaded before)."""
-        return True
+    def ready(self) -> str:
+        """How steps reach the workers ("compiled-graph" or "actor-calls"), once constructed."""
+        return self.runner.dispatch
 
     async def submit(self, channel: str, requests: list[tuple[str, SamplingParams, dict]]) -> None:
         """Add requests (request id, params, LLMEngine.add_request keyword arguments) for the
@@ -243,7 +269,8 @@ class RayReplica:
 
     def __init__(self, model: str, dtype: str | None, variant: str | None, tp: int, config: EngineConfig,
                  cpus_per_actor: float = 0.01, threads_per_worker: int = 1, name: str | None = None,
-                 step_timeout: float = 120.0, device: str = "cpu", placement_timeout: float = 600.0):
+                 step_timeout: float = 120.0, device: str = "cpu", placement_timeout: float = 600.0,
+                 dispatch: str = "compiled-graph"):
         """tp: shard workers (tensor-parallel ranks; with device "xla", hosts of the slice, one
         actor per host owning all its chips). dtype None: the device's default.
         placement_timeout: seconds to wait for the cluster to fit the replica (GPUs, TPU hosts)
@@ -253,6 +280,8 @@ class RayReplica:
         self.device = device
         self.placement_timeout = placement_timeout
         self._spec = (model, dtype, variant, config, cpus_per_actor, threads_per_worker, step_timeout)
+        self.dispatch = dispatch  # how the coordinator should send steps (see RemoteRunner)
+        self.dispatch_in_use: str | None = None  # what it does (a graph that fails to compile: actor calls)
         self._in_flight = 0
         self._ready = False
         self.draining = False  # no new requests (being removed)
@@ -281,6 +310,7 @@ class RayReplica:
         actor = ray.remote(max_restarts=0)(ShardWorker)
         gpus = worker_bundle.get("GPU", 0)
         self.workers = [actor.options(num_cpus=cpus, num_gpus=gpus, resources=_custom(worker_bundle),
+                                      runtime_env={"env_vars": worker_env()},
                                       scheduling_strategy=self._bundle(rank)).remote(
             rank, self.tp, model, dtype, variant, threads, self.device) for rank in range(self.tp)]
         master, port = ray.get(self.workers[0].rendezvous.remote())
@@ -290,8 +320,9 @@ class RayReplica:
                           for w in self.workers])
         self.coordinator = ray.remote(Coordinator).options(
             num_cpus=cpus, scheduling_strategy=self._bundle(self.tp), max_concurrency=1000).remote(
-            model, variant, self.workers, min(blocks), config, step_timeout)
-        ray.get(self.coordinator.ready.remote())
+            model, variant, self.workers, min(blocks), config, step_timeout, self.dispatch)
+        self.dispatch_in_use = ray.get(self.coordinator.ready.remote())
+        log.info("%s: %d shard worker(s) ready; steps go by %s", self.name, self.tp, self.dispatch_in_use)
         self._ready = True
 
     def mark_failed(self) -> bool:
@@ -381,6 +412,17 @@ class RayReplica:
         if getattr(self, "placement", None) is not None:
             remove_placement_group(self.placement)
             self.placement = None
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of shard-worker processes. OpenMP threads sleep rather than spin while they
+    wait (OMP_WAIT_POLICY=PASSIVE): a worker shares its host's cores with the coordinator, the
+    gateway and other ranks, and a spinning thread holds a core the others need; measured on a
+    2-core host under load, a forward of the tiny benchmark model took 1.6 s spinning and 0.1 s
+    passive. An OMP_WAIT_POLICY set for `gemma-dist serve` is kept."""
+    import os
+
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def accelerator_bundle(device: str, nodes: list[dict]) -> dict:

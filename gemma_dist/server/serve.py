@@ -69,7 +69,7 @@ async def _serve(args: argparse.Namespace) -> int:
     def make_replica(name: str) -> RayReplica:
         return RayReplica(args.model, dtype, args.variant, args.tp, engine_config,
                           threads_per_worker=threads, name=name, device=device,
-                          placement_timeout=args.placement_timeout)
+                          placement_timeout=args.placement_timeout, dispatch=args.step_dispatch)
 
     loop = asyncio.get_running_loop()
     replicas = await asyncio.gather(*(loop.run_in_executor(None, make_replica, f"replica-{i}")
