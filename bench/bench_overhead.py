@@ -8,15 +8,16 @@ and moving plans and tokens between processes. One run measures, on the same gre
 (S concurrent streams of P prompt + O output tokens, ignore_eos):
 
   - the in-process engine (LLMEngine.step in a loop: the baseline);
-  - `gemma-dist serve` at tp=1 and tp=2 (Ray actors, gloo), driven by S concurrent gRPC streams
-    from this process over 127.0.0.1;
+  - `gemma-dist serve` at tp=1 and tp=2 (Ray actors, gloo; steps by actor calls, and at tp=2 also
+    by a Ray Compiled Graph), driven by S concurrent gRPC streams from this process over 127.0.0.1;
 
 and reports output tok/s, milliseconds per step split into phases (schedule, prepare, forward,
 sample, postprocess, transport; from the engine's counters, read over /metrics for the served
 stack) and CPU-seconds per 1,000 output tokens of every process (gateway, coordinator, shard
 workers, Ray's own, and this client).
 
-    .venv/bin/python bench/bench_overhead.py [--streams 64,256] [--prompt-len 16] [--output-len 128] [--tp 1,2]
+    .venv/bin/python bench/bench_overhead.py [--streams 64,256] [--prompt-len 16] [--output-len 128]
+                                             [--served 1,2,2:compiled-graph]
 """
 
 from __future__ import annotations
@@ -178,13 +179,13 @@ def scrape(metrics_port: int) -> dict[str, float]:
 class Server:
     """`gemma-dist serve` in a subprocess, as users start it."""
 
-    def __init__(self, model_dir: Path, tp: int, max_num_seqs: int, max_batched: int, log_dir: Path):
+    def __init__(self, model_dir: Path, tp: int, dispatch: str, max_num_seqs: int, max_batched: int, log_dir: Path):
         self.port, self.metrics_port = free_port(), free_port()
-        self.log = log_dir / f"bench_overhead_serve_tp{tp}.log"
+        self.log = log_dir / f"bench_overhead_serve_tp{tp}_{dispatch}.log"
         cmd = [sys.executable, "-m", "gemma_dist.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
                "--device", "cpu", "--tp", str(tp), "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_batched),
-               "--kv-cache-memory", str(1 << 30)]
+               "--kv-cache-memory", str(1 << 30), "--step-dispatch", dispatch]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
                                      start_new_session=True)
         self.target = f"127.0.0.1:{self.port}"
@@ -262,8 +263,9 @@ def run_served(server: Server, texts: list[str], output_len: int) -> dict:
 
 
 def print_table(rows: list[tuple[str, int, dict]], engine: dict[int, dict]) -> None:
-    head = (f"| {'path':<22} | {'streams':>7} | {'out tok/s':>9} | {'x engine':>8} | {'ms/step':>7} | "
-            + " | ".join(f"{p[:9]:>9}" for p in PHASES) + f" | {'CPU-s/1k tok':>12} | {'CPU split (s/1k tok)':<60} |")
+    head = (f"| {'path':<28} | {'streams':>7} | {'out tok/s':>9} | {'x engine':>8} | {'ms/step':>7} | "
+            + " | ".join(f"{p[:9]:>9}" for p in PHASES) + f" | {'runner idle':>11} | {'CPU-s/1k tok':>12} | "
+            f"{'CPU split (s/1k tok)':<60} |")
     print(head)
     print("|" + "|".join("-" * (len(c) + 2) for c in head.strip("|").split("|")[:-1]) + "|" + "-" * 62 + "|")
     for name, streams, r in rows:
@@ -272,9 +274,10 @@ def print_table(rows: list[tuple[str, int, dict]], engine: dict[int, dict]) -> N
         per_k = 1000 / r["tokens"]
         total = sum(r["cpu"].values()) * per_k
         split = ", ".join(f"{k} {v * per_k:.2f}" for k, v in sorted(r["cpu"].items()) if v * per_k >= 0.005)
-        print(f"| {name:<22} | {streams:>7} | {r['tok_s']:>9.0f} | {ratio:>8} | {r['ms_step']:>7.1f} | "
-              + " | ".join(f"{r['phases'][p] * 1e3:>9.2f}" for p in PHASES)
-              + f" | {total:>12.2f} | {split:<60} |")
+        busy = sum(r["phases"][p] for p in ("prepare", "forward", "sample")) * 1e3
+        print(f"| {name:<28} | {streams:>7} | {r['tok_s']:>9.0f} | {ratio:>8} | {r['ms_step']:>7.1f} | "
+              + " | ".join(f"{max(0.0, r['phases'][p]) * 1e3:>9.2f}" for p in PHASES)
+              + f" | {r['ms_step'] - busy:>11.2f} | {total:>12.2f} | {split:<60} |")
 
 
 def main() -> int:
@@ -282,7 +285,9 @@ def main() -> int:
     parser.add_argument("--streams", default="64,256", help="concurrent streams, comma-separated")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--tp", default="1,2", help="served tensor-parallel sizes ('none': engine only)")
+    parser.add_argument("--served", default="1,2,2:compiled-graph",
+                        help="served configurations TP[:DISPATCH], comma-separated (dispatch: auto, actor-calls, "
+                             "compiled-graph; default auto); 'none': the engine only")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--model-dir", default=None,
                         help="where the tiny checkpoint lives (built once; default under ~/.cache/gemma_dist)")
@@ -295,33 +300,39 @@ def main() -> int:
     streams = [int(s) for s in args.streams.split(",")]
     max_seqs = max(streams)
     batched = max(args.max_num_batched_tokens, max_seqs)
-    tps = [] if args.tp == "none" else [int(t) for t in args.tp.split(",")]
+    served = [] if args.served == "none" else [(int(c.split(":")[0]), (c.split(":") + ["auto"])[1])
+                                                for c in args.served.split(",")]
     rows, engine = [], {}
     for n in streams:
         engine[n] = run_engine(model_dir, prompts(n, args.prompt_len, seed=n), args.output_len, max_seqs, batched)
         rows.append(("in-process engine", n, engine[n]))
         print(f"  engine, {n} streams: {engine[n]['tok_s']:.0f} tok/s", file=sys.stderr)
     log_dir = Path(os.environ.get("OUT", "/tmp"))
-    for tp in tps:
-        server = Server(model_dir, tp, max_seqs, batched, log_dir)
+    for tp, dispatch in served:
+        server = Server(model_dir, tp, dispatch, max_seqs, batched, log_dir)
+        name = f"served tp={tp}" + ("" if dispatch == "auto" else f", {dispatch}")
         try:
             server.wait_ready()
             for n in streams:
                 result = run_served(server, prompts(n, args.prompt_len, seed=n), args.output_len)
-                rows.append((f"served tp={tp}, gRPC", n, result))
-                print(f"  served tp={tp}, {n} streams: {result['tok_s']:.0f} tok/s", file=sys.stderr)
+                rows.append((name, n, result))
+                print(f"  {name}, {n} streams: {result['tok_s']:.0f} tok/s", file=sys.stderr)
         finally:
             server.stop()
     print(f"\ntiny random Gemma 3 (7 layers, hidden 64, vocab 262,144, real tokenizer), fp32, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}; greedy, {args.prompt_len} prompt + {args.output_len} output tokens per stream; "
           f"max_num_seqs {max_seqs}, max_num_batched_tokens {batched}. Phases: ms per step.\n")
     print_table(rows, engine)
-    for tp in tps:
-        for n in streams:
-            one = next((r for name, s, r in rows if name == "served tp=1, gRPC" and s == n), None)
-            this = next((r for name, s, r in rows if name == f"served tp={tp}, gRPC" and s == n), None)
-            if tp != 1 and one and this:
-                print(f"\nserved tp={tp} / tp=1 at {n} streams: {this['tok_s'] / one['tok_s']:.2f}")
+    print("\nserved = `gemma-dist serve` (gateway, coordinator and shard-worker processes) and S gRPC streams; "
+          "dispatch auto = actor calls on CPU. Phases in ms per step: schedule and postprocess on the engine "
+          "(coordinator), prepare / forward / sample on the runner (rank 0); transport = the engine's wait beyond "
+          "the runner's own time (0 when it postprocesses meanwhile); runner idle = ms/step minus the runner's "
+          "time: what an accelerator would wait for each step.")
+    for n in streams:
+        one = next((r for name, s, r in rows if name == "served tp=1" and s == n), None)
+        for name, s, r in rows:
+            if s == n and one and name.startswith("served tp=") and name != "served tp=1":
+                print(f"{name} / served tp=1 at {n} streams: {r['tok_s'] / one['tok_s']:.2f}")
     return 0
 
 

@@ -60,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--auth-token-file", default=None,
                        help="file holding a bearer token that every call must send (health stays open)")
-    serve.add_argument("--step-dispatch", default="compiled-graph", choices=["compiled-graph", "actor-calls"],
+    serve.add_argument("--step-dispatch", default="auto", choices=["auto", "compiled-graph", "actor-calls"],
                        help="how a replica's coordinator sends each step to its shard workers: a Ray Compiled "
-                            "Graph (shared-memory channels, ~0.25 ms) or one actor call per worker (~1 ms+)")
+                            "Graph (shared-memory channels, ~0.25 ms, but its reader spins a core while a step "
+                            "runs) or one actor call per worker (~1 ms+); auto = the graph on GPU/TPU, actor "
+                            "calls on CPU")
     serve.add_argument("--threads-per-worker", type=int, default=0,
                        help="torch threads per shard worker (0 = this host's cores / (tp x replicas))")
     serve.add_argument("--batch-invariant", action="store_true",

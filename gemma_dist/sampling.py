@@ -236,6 +236,7 @@ class SampleResult:
     logprobs: list[TokenLogprob | None]
     # Seconds the runner spent on the step: (prepare, forward, sample); set by the runner, for metrics.
     runner_times: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    runner_span: tuple[float, float] = (0.0, 0.0)  # the runner's time.time() at the step's start and end
 
 
 def make_generator(seed: int) -> torch.Generator:

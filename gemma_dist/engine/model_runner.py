@@ -118,8 +118,10 @@ class ModelRunner:
                              sliding_window=self.model.config.sliding_window)
 
     @torch.inference_mode()
-    def execute_prepared(self, step: "PreparedStep", sample: bool = True, times=None) -> SampleResult | None:
-        """`execute` for a step built by a persistent batch (`prepare`); adds phase times to `times`."""
+    def execute_prepared(self, step: "PreparedStep", sample: bool = True, times=None) -> SampleResult:
+        """`execute` for a step built by a persistent batch (`prepare`); adds phase times to `times`.
+        Every rank gets the sampled tokens (rank 0 samples: sample=True; at tp > 1 it shares them),
+        since every rank's persistent batch appends them; only rank 0's carry logprobs."""
         start = time.perf_counter()
         rows = step.sample_rows
         sharded = False  # logits are this rank's vocabulary slice (tensor parallel)
@@ -134,22 +136,43 @@ class ModelRunner:
                 if len(rows) < len(step.num_cached):
                     last = last[torch.tensor(rows, device=self.device)]
                 sharded = self.model.parallel.communicates  # vocab-parallel: candidates cross ranks, not rows
-                if sharded:
-                    logits = self.model.compute_logits(hidden[last], gather=False)  # (S, V_local)
-                else:
-                    logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32
+                logits = self.model.compute_logits(hidden[last], gather=not sharded,  # (S, V) or (S, V_local)
+                                                   out=self._logits_buffer(len(rows), hidden.dtype))
         sampled = time.perf_counter()
         if times is not None:
             times.forward += sampled - start
         if not rows:
-            result = SampleResult(token_ids=[], logprobs=[]) if sample else None
+            result = SampleResult(token_ids=[], logprobs=[])
         elif sharded:
-            result = self._sample_local_logits(logits, step.sampling, sample)
-        else:
-            result = sample_rows(self.sampler, logits, step.sampling, self.vocab_limit) if sample else None
+            result = self._share_tokens(self._sample_local_logits(logits, step.sampling, sample), len(rows))
+        elif sample:
+            result = sample_rows(self.sampler, logits, step.sampling, self.vocab_limit)
+        else:  # tp > 1 over gathered logits (CUDA graphs): rank 0 samples for everyone
+            result = self._share_tokens(None, len(rows))
         if times is not None:
             times.sample += time.perf_counter() - sampled
         return result
+
+    def _share_tokens(self, result: SampleResult | None, count: int) -> SampleResult:
+        """Rank 0's sampled tokens on every rank (each appends them to its persistent batch);
+        the other ranks' results carry no logprobs."""
+        parallel = self.model.parallel
+        if not parallel.communicates:
+            return result
+        ids = torch.tensor(result.token_ids if result is not None else [0] * count, dtype=torch.int64)
+        shared = parallel.broadcast_from_first(ids.to(self.device)).cpu().tolist()
+        return result if result is not None else SampleResult(shared, [None] * count)
+
+    def _logits_buffer(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A reused (rows, V_local) buffer for the LM head on CPU (a fresh one faults in its pages
+        every step); its rows are overwritten by the next step, after this one's sampling."""
+        if self.device.type != "cpu":
+            return None
+        width = self.model.embed.weight.shape[0]
+        buffer = getattr(self, "_logits", None)
+        if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:
+            buffer = self._logits = torch.empty(max(rows, 64), width, dtype=dtype)
+        return buffer[:rows]
 
     def _sample_sharded(self, hidden: torch.Tensor, rows: Sequence[SamplingRow], sample: bool) -> SampleResult | None:
         """Tensor-parallel sampling from the sampling rows' hidden states (S, H)."""

@@ -29,7 +29,7 @@ class _Row:
                  generator: torch.Generator | None):
         self.request_id = request_id
         self.prompt = prompt  # prompt token ids
-        self.output = output  # generated token ids, appended as the plans report them
+        self.output = output  # generated token ids; the runner appends each token it samples
         self.params = params
         self.generator = generator  # seeded requests, on a runner that samples
         self.num_blocks = 0  # valid entries of its block-table row
@@ -106,9 +106,13 @@ class PersistentBatch:
             self.rows[slot].num_blocks = 0
         if plan.block_updates:
             self._write_blocks(plan.block_updates)
-        rows = self.rows
-        for slot, token in plan.appended:
-            rows[slot].output.append(token)
+
+    def append_sampled(self, plan: StepPlan, token_ids: list[int]) -> None:
+        """Append each sampling row's new token to its output (in the plan's row order)."""
+        rows, tokens = self.rows, iter(token_ids)
+        for slot, samples in zip(plan.slots, plan.samples):
+            if samples:
+                rows[slot].output.append(next(tokens))
 
     def _write_blocks(self, updates: list[tuple[int, int, list[int]]]) -> None:
         """Append blocks to table rows with one scatter."""
@@ -197,8 +201,10 @@ class PlanRunner:
 
     def execute_plan(self, plan: StepPlan) -> SampleResult | None:
         """Apply the plan and run its rows; tokens for its sampling rows (None where this
-        runner does not sample), with `runner_seconds` set to the time spent here."""
-        start = time.perf_counter()
+        runner does not sample), with the phase times and wall-clock span of the step. Every
+        runner appends the sampled tokens to its rows (rank 0 shares them at tp > 1), so the
+        engine can plan the next step before it knows them."""
+        began, start = time.time(), time.perf_counter()
         self.batch.apply(plan)
         if not plan.slots:
             return SampleResult([], []) if self.samples else None
@@ -207,15 +213,18 @@ class PlanRunner:
         if execute_prepared is None:
             steps = self.batch.step_inputs(plan)
             step.prepare = time.perf_counter() - start
-            result = self.runner.execute(steps, sample=self.samples)
+            result = self.runner.execute(steps, sample=True)  # single-process runners (XLA) always sample
             step.forward = time.perf_counter() - start - step.prepare  # forward and sampling together
         else:
             prepared = self.runner.prepare(self.batch, plan)
             step.prepare = time.perf_counter() - start
             result = execute_prepared(prepared, sample=self.samples, times=step)
+        self.batch.append_sampled(plan, result.token_ids)
         self.times.add(step)
-        if result is not None:
-            result.runner_times = (step.prepare, step.forward, step.sample)
+        if not self.samples:
+            return None
+        result.runner_times = (step.prepare, step.forward, step.sample)
+        result.runner_span = (began, time.time())
         return result
 
     def release(self, request_id: str) -> None:

@@ -140,6 +140,18 @@ class Scheduler:
                 return None
         return self._finish(seq, FinishReason.ABORTED)
 
+    def release(self, seq: Sequence) -> None:
+        """Drop a finished sequence wherever it is, freeing its blocks (a sequence preempted while
+        the step sampling its last token ran finishes while waiting)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                return
+        self.blocks.release(seq.block_table)
+
     def release_finished(self) -> list[Sequence]:
         """Drop running sequences that finished this step, freeing their blocks at once."""
         done = [s for s in self.running if s.is_finished]
@@ -168,8 +180,8 @@ class Scheduler:
         preempted: list[Sequence] = []
         planned: set[int] = set()  # id() of sequences already in the plan
         for seq in self.running:  # decodes first: the running streams never stall
-            if seq.num_tokens - seq.num_cached != 1 or seq not in self.running:  # (preempted meanwhile)
-                continue
+            if seq.num_tokens - seq.num_cached != 1 or seq.awaits_last_token or seq not in self.running:
+                continue  # (not decoding, its last token is being computed, or preempted meanwhile)
             if not self._make_room(seq, seq.num_tokens, preempted):
                 continue  # seq itself was preempted
             scheduled.append(ScheduledSequence.plan(seq, 1))

@@ -35,16 +35,29 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are already in the cache
     text: str = ""  # detokenized output, stop string removed
     finish_reason: FinishReason | None = None
-    generator: Any = None  # per-request torch.Generator when params.seed is set
     num_preemptions: int = 0  # times its KV blocks were taken back (it then recomputes them)
     slot: int | None = None  # its row in the runners' persistent batch, while it holds one
     synced_blocks: int = 0  # block_table entries the runners already know (the rest travel next step)
-    synced_tokens: int = 0  # prompt + output tokens the runners already know
+    # Tokens that steps in flight are sampling: the runners append them themselves, and the next
+    # step is planned on top of them before they are known here (async scheduling).
+    pending_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
-        """Prompt plus generated tokens."""
+        """Prompt plus generated tokens, counting those still being sampled (`pending_tokens`)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus the generated tokens already known here."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """True while a step in flight samples the last token it may get (max_tokens or the
+        context), so it must not be scheduled again."""
+        return self.pending_tokens > 0 and (len(self.output_token_ids) + self.pending_tokens >= self.params.max_tokens
+                                            or self.num_tokens >= self.max_context)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -61,18 +74,6 @@ class Sequence:
         """True while some prompt tokens have no K/V yet (their next step is a prefill chunk)."""
         return self.num_cached < len(self.prompt_token_ids)
 
-    def uncached_token_ids(self) -> list[int]:
-        """Tokens to feed next: the rest of the prompt, or the last generated token."""
-        return self.all_token_ids[self.num_cached:]
-
-    def token_ids_at(self, start: int, stop: int) -> list[int]:
-        """Tokens [start, stop) of prompt + output, without building the whole list."""
-        prompt = len(self.prompt_token_ids)
-        if start >= prompt:
-            return self.output_token_ids[start - prompt: stop - prompt]
-        if stop <= prompt:
-            return self.prompt_token_ids[start:stop]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt]
 
 
 def finish_on_token(seq: Sequence, token_id: int) -> FinishReason | None:
@@ -81,7 +82,7 @@ def finish_on_token(seq: Sequence, token_id: int) -> FinishReason | None:
         return FinishReason.STOP
     if token_id in seq.eos_token_ids and not seq.params.ignore_eos:
         return FinishReason.STOP
-    if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_context:
+    if len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_known_tokens >= seq.max_context:
         return FinishReason.LENGTH
     return None
 

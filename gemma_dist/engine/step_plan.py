@@ -3,8 +3,9 @@
 Runners (the in-process one, or every tensor-parallel shard worker) keep a persistent batch:
 per request its tokens, block table, sampling parameters and generator, in a numbered slot.
 A plan then carries only what changed since the last step: requests that arrived or left,
-blocks appended to a table, the tokens sampled last step, and which slots run how many tokens.
-Its size grows with the number of scheduled sequences, never with their context length.
+blocks appended to a table, and which slots run how many tokens. The runners append the tokens
+they sample themselves, so the engine can plan the next step before it knows them. A plan's size
+grows with the number of scheduled sequences, never with their context length.
 """
 
 from __future__ import annotations
@@ -31,16 +32,15 @@ class NewRequest:
 class StepPlan:
     """One step as changes to the runners' persistent batch, then the rows to run.
 
-    Runners apply, in order: `removed`, `added`, `reset`, `block_updates`, `appended`; then run
-    the rows (`slots[i]` computes `num_tokens[i]` tokens starting at position `num_cached[i]`,
-    and samples a next token after them when `samples[i]`).
+    Runners apply, in order: `removed`, `added`, `reset`, `block_updates`; then run the rows
+    (`slots[i]` computes `num_tokens[i]` tokens starting at position `num_cached[i]`, and samples
+    a next token after them when `samples[i]`, which every runner appends to the slot's tokens).
     """
 
     added: list[NewRequest] = dataclasses.field(default_factory=list)
     removed: list[int] = dataclasses.field(default_factory=list)  # slots of finished / aborted requests
     reset: list[int] = dataclasses.field(default_factory=list)  # slots preempted: cache and table emptied
     block_updates: list[tuple[int, int, list[int]]] = dataclasses.field(default_factory=list)  # (slot, index, blocks)
-    appended: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (slot, token) new since last step
     slots: list[int] = dataclasses.field(default_factory=list)  # the step's rows, in order
     num_cached: list[int] = dataclasses.field(default_factory=list)  # per row: first position computed
     num_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: tokens computed

@@ -156,9 +156,10 @@ class GemmaForCausalLM(nn.Module):
             x = layer(x, ropes[layer.kind], cache, meta)
         return self.final_norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        """(N, H) → (N, vocab) fp32 logits, final softcap applied (vocab-parallel slice if not gather)."""
-        logits = self.embed.logits(hidden, gather=gather).float()
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H) → (N, vocab) fp32 logits, final softcap applied (vocab-parallel slice if not gather).
+        `out`: a reusable (N, vocab_local) buffer for this rank's slice (see `lm_head`)."""
+        logits = self.embed.logits(hidden, gather=gather, out=out).float()
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from gemma_dist.engine.llm_engine import tune_gc_for_serving
 from gemma_dist.engine.model_runner import ModelRunner, kv_bytes_per_token
 from gemma_dist.engine.persistent_batch import PlanRunner
 from gemma_dist.engine.step_plan import StepPlan
@@ -83,6 +84,7 @@ class ShardWorker:
         self.runner = ModelRunner(model, num_blocks, block_size, Sampler(seed), vocab_limit=vocab_limit,
                                   max_model_len=getattr(config, "max_model_len", None))
         self.plans = PlanRunner(self.runner, samples=self.rank == 0)
+        tune_gc_for_serving()
         return num_blocks
 
     def _start_xla(self, kv_cache_bytes: int, block_size: int, seed: int | None, vocab_limit: int, config) -> int:
@@ -99,6 +101,7 @@ class ShardWorker:
         finally:
             checkpoint.source.close()
         self.plans = PlanRunner(self.runner, samples=True)
+        tune_gc_for_serving()
         return self.runner.num_blocks
 
     def execute_plan(self, plan: StepPlan) -> SampleResult | None:

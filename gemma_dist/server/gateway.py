@@ -28,6 +28,7 @@ from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = gemma_pb2.DESCRIPTOR.services_by_name["GemmaService"].full_name
 MAX_MESSAGE_BYTES = 16 << 20  # bounds every request and response
+DEADLINE_SLACK = 0.25  # seconds: see _deadline_passed
 _FINISH = {FinishReason.STOP: gemma_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: gemma_pb2.FINISH_REASON_LENGTH,
            FinishReason.ABORTED: gemma_pb2.FINISH_REASON_ABORTED}
 
@@ -82,6 +83,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
     async def _measured(self, deltas, method: str, context):
         """Pass deltas through, recording latencies, tokens and the call's final status."""
         m, start, first_at, tokens, code = self.metrics, time.perf_counter(), None, 0, "OK"
+        budget = context.time_remaining()  # the call's timeout as it reached us (None: no deadline)
         try:
             async for delta, checked in deltas:
                 now = time.perf_counter()
@@ -97,8 +99,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
             if first_at is not None and tokens > 1:
                 m.time_per_output_token.observe((end - first_at) / (tokens - 1))
         except asyncio.CancelledError:  # the client went away, or its deadline passed
-            remaining = context.time_remaining()
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            code = "DEADLINE_EXCEEDED" if _deadline_passed(budget, context.time_remaining()) else "CANCELLED"
             raise
         except BaseException:
             status = context.code()
@@ -211,6 +212,16 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         """The least-loaded ready replica (ties: the first)."""
         ready = [r for r in self.replicas if r.is_ready() and r.name not in exclude]
         return min(ready, key=lambda r: r.load()) if ready else None
+
+
+def _deadline_passed(budget: float | None, remaining: float | None) -> bool:
+    """Whether a cancelled call was its deadline expiring. The client's clock starts before ours
+    (the call spends time on the wire and in queues before its handler runs) and the client
+    cancels when its own deadline passes, so a cancellation that comes within DEADLINE_SLACK of
+    our deadline (at least 0.25 s, or a tenth of the call's timeout) is the deadline, not the user."""
+    if budget is None or remaining is None:
+        return False
+    return remaining <= max(DEADLINE_SLACK, 0.1 * budget)
 
 
 def _merge(response: gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:

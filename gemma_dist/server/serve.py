@@ -79,6 +79,9 @@ async def _serve(args: argparse.Namespace) -> int:
     servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp,
                              max_queued_requests=args.max_queued_requests, queue_timeout=args.queue_timeout)
 
+    from gemma_dist.engine.llm_engine import tune_gc_for_serving
+
+    tune_gc_for_serving()  # the gateway handles thousands of short-lived messages a second
     server, port = await start_server(servicer, args.host, args.port, credentials, interceptors, make_replica)
     metrics_port = servicer.metrics.serve(args.host, args.metrics_port)
     log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)

@@ -58,8 +58,9 @@ def test_decode_step_payload_does_not_grow_with_context(checkpoint):
 
 
 def test_plan_bookkeeping_through_preemption_and_slot_reuse(checkpoint):
-    """A tiny cache forces preemptions; a mirror of the runner state (rebuilt from plans alone)
-    always agrees with the engine: tokens, block tables, and which slot holds which request."""
+    """A tiny cache forces preemptions; a mirror of the runner state, rebuilt from the plans and
+    the tokens the runner sampled (as every runner appends them), always agrees with the engine:
+    tokens, block tables, and which slot holds which request."""
     config, tokenizer = checkpoint
     runner = RecordingRunner()
     engine = LLMEngine.with_runner(config, tokenizer, EngineConfig(block_size=4, max_num_seqs=4,
@@ -72,7 +73,7 @@ def test_plan_bookkeeping_through_preemption_and_slot_reuse(checkpoint):
     seen = 0
     while engine.has_unfinished_requests:
         engine.step()
-        for plan in runner.plans[seen:]:
+        for step, plan in enumerate(runner.plans[seen:], start=seen + 1):
             for slot in plan.removed:
                 del mirror[slot]
             for new in plan.added:
@@ -84,14 +85,14 @@ def test_plan_bookkeeping_through_preemption_and_slot_reuse(checkpoint):
             for slot, index, blocks in plan.block_updates:
                 assert index == len(mirror[slot]["blocks"])
                 mirror[slot]["blocks"] += blocks
-            for slot, token in plan.appended:
-                mirror[slot]["tokens"].append(token)
-            for slot, cached, n in zip(plan.slots, plan.num_cached, plan.num_tokens):
+            for slot, cached, n, samples in zip(plan.slots, plan.num_cached, plan.num_tokens, plan.samples):
                 seq = seqs[mirror[slot]["id"]]
+                assert cached + n == len(mirror[slot]["tokens"]) if samples else cached + n < len(mirror[slot]["tokens"])
+                assert seq.is_finished or mirror[slot]["blocks"] == seq.block_table
+                if samples:
+                    mirror[slot]["tokens"].append(1000 + step)  # what RecordingRunner sampled
                 assert mirror[slot]["tokens"] == seq.prompt_token_ids + seq.output_token_ids[:len(
                     mirror[slot]["tokens"]) - len(seq.prompt_token_ids)]
-                assert cached + n <= len(mirror[slot]["tokens"])
-                assert seq.is_finished or mirror[slot]["blocks"] == seq.block_table
         seen = len(runner.plans)
     assert engine.scheduler.num_preemptions > 0
     assert len(mirror) <= 4 + engine.scheduler.num_preemptions  # slots are reused, not leaked

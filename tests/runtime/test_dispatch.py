@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 from gemma_dist import SamplingParams  # noqa: E402
 from gemma_dist.engine.llm_engine import EngineConfig  # noqa: E402
-from gemma_dist.runtime.replica import RayReplica  # noqa: E402
+from gemma_dist.runtime.replica import RayReplica, resolve_dispatch  # noqa: E402
 
 GOLDEN = {c["kind"]: c for c in json.loads(
     (Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())["cases"]}
@@ -26,7 +26,7 @@ STABLE_MARGIN = 1e-3
 def replicas(ray_cluster):
     config = EngineConfig(kv_cache_memory=64 << 20)
     one = RayReplica("default", "float32", None, tp=1, config=config, name="calls-tp1", dispatch="actor-calls")
-    two = RayReplica("default", "float32", None, tp=2, config=config, name="graph-tp2")
+    two = RayReplica("default", "float32", None, tp=2, config=config, name="graph-tp2", dispatch="compiled-graph")
     yield one, two
     one.shutdown()
     two.shutdown()
@@ -34,6 +34,14 @@ def replicas(ray_cluster):
 
 async def run(replica, prompt: str, params: SamplingParams, request_id: str):
     return [d async for d in replica.generate(request_id, params, prompt=prompt)]
+
+
+def test_auto_dispatch_spins_no_core_on_cpu_hosts():
+    assert resolve_dispatch("auto", "cpu") == "actor-calls"
+    assert resolve_dispatch("auto", "cuda") == resolve_dispatch("auto", "xla") == "compiled-graph"
+    assert resolve_dispatch("actor-calls", "cuda") == "actor-calls"
+    with pytest.raises(ValueError, match="dispatch must be"):
+        resolve_dispatch("carrier-pigeon", "cpu")
 
 
 def test_each_replica_uses_the_dispatch_it_asked_for(replicas):
