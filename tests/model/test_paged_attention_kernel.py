@@ -20,7 +20,7 @@ from gemma_dist.engine.model_runner import ModelRunner, StepInput  # noqa: E402
 from gemma_dist.model.attention import build_attention_metadata, write_kv  # noqa: E402
 from gemma_dist.model.layers import paged_attention  # noqa: E402
 from gemma_dist.model.loading import load_model, open_checkpoint  # noqa: E402
-from tests.helpers import make_tiny_hf_checkpoint  # noqa: E402
+from tests.helpers import make_tiny_hf_checkpoint, top1_margins  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,35 +61,47 @@ def test_kernel_equals_gather_path(heads, kv_heads, softcap, window):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def _greedy(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """Prefill each prompt, then decode all of them together for `steps` tokens."""
+def _greedy(runner: ModelRunner, prompts: list[list[int]], steps: int, forced: list[list[int]] | None = None):
+    """Prefill each prompt, then decode all of them together for `steps` tokens: greedy, or feeding
+    the `forced` tokens instead (teacher forcing). Returns (tokens fed, logits (steps + 1, B, vocab))."""
     tables = [list(range(8 * i, 8 * i + 8)) for i in range(len(prompts))]
     ids = [list(p) for p in prompts]
+    rows = []
     with torch.inference_mode():
-        for i, p in enumerate(prompts):
-            ids[i].append(int(runner.logits([StepInput(p, 0, tables[i], None)])[0].argmax()))
-        for _ in range(steps):
-            logits = runner.logits([StepInput(x[-1:], len(x) - 1, t, None) for x, t in zip(ids, tables)])
-            for x, row in zip(ids, logits):
-                x.append(int(row.argmax()))
-    return [x[len(p):] for x, p in zip(ids, prompts)]
+        rows.append(torch.cat([runner.logits([StepInput(p, 0, tables[i], None)]) for i, p in enumerate(prompts)]))
+        for step in range(steps + 1):
+            for i, (x, row) in enumerate(zip(ids, rows[-1])):
+                x.append(forced[i][step] if forced else int(row.argmax()))
+            if step < steps:
+                rows.append(runner.logits([StepInput(x[-1:], len(x) - 1, t, None) for x, t in zip(ids, tables)]))
+    return [x[len(p):] for x, p in zip(ids, prompts)], torch.stack(rows).cpu()
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_greedy_decoding_through_the_kernel_equals_the_gather_path(family, tmp_path):
     """Three sequences decoding together: gather path, kernel, and the decode-graph buffers
-    (captured on CUDA; on CPU the same static buffers run uncaptured, 3 rows padded to 4)."""
+    (captured on CUDA; on CPU the same static buffers run uncaptured, 3 rows padded to 4).
+
+    The kernel sums attention in another order than the gather path, so their logits differ in the
+    last bits and a greedy near-tie could go either way: the kernel runs are fed the gather path's
+    greedy tokens (teacher forcing), and must give logits within ATOL of it everywhere, and its
+    argmax wherever the gather path's top-1 margin exceeds 2 * ATOL (bigger than the difference
+    can bridge)."""
     make_tiny_hf_checkpoint(family, tmp_path)
     model = load_model(open_checkpoint(tmp_path), "float32", DEVICE)
     g = torch.Generator().manual_seed(1)
     prompts = [[2] + torch.randint(10, 500, (n,), generator=g).tolist() for n in (12, 3, 9)]
-    gather = _greedy(ModelRunner(model, 24, 4, attention="gather"), prompts, 6)
-    kernel = _greedy(ModelRunner(model, 24, 4, attention="kernel", decode_graphs=False), prompts, 6)
+    atol = 1e-4  # measured: kernel vs gather logits differ by <= 2.3e-6 (tiny models, logits ~1)
+    tokens, want = _greedy(ModelRunner(model, 24, 4, attention="gather"), prompts, 6)
+    clear = top1_margins(want) > 2 * atol  # (7, 3) steps x sequences
+    assert int(clear.sum()) >= 16, int(clear.sum())  # of 21: 20 for gemma2 (one near-tie, 0.00017), 21 for gemma3
     graphs_runner = ModelRunner(model, 24, 4, attention="kernel", decode_graphs=True, max_model_len=32)
     assert graphs_runner.decode_graphs is not None
-    graphs = _greedy(graphs_runner, prompts, 6)
-    assert kernel == gather
-    assert graphs == gather
+    for runner in (ModelRunner(model, 24, 4, attention="kernel", decode_graphs=False), graphs_runner):
+        fed, got = _greedy(runner, prompts, 6, forced=tokens)
+        assert fed == tokens
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
 def test_unknown_attention_backend_is_refused(tmp_path):

@@ -16,8 +16,9 @@ import torch.multiprocessing as mp
 from gemma_dist.model.attention import allocate_kv_cache
 from gemma_dist.model.layers import ParallelContext
 from gemma_dist.model.loading import load_model, open_checkpoint
-from tests.helpers import forward_chunks, free_port, make_tiny_hf_checkpoint
+from tests.helpers import forward_chunks, free_port, make_tiny_hf_checkpoint, top1_margins
 
+ATOL = 1e-4  # tp=2 sums each row-parallel product in two halves: fp32 rounding differs by ~1e-6..1e-5
 TOKENS = [2, 17, 300, 45, 99, 8, 411, 23, 7, 250, 61, 5, 333, 12, 90, 41, 77, 3, 150, 201, 19, 88, 64]
 
 
@@ -60,6 +61,15 @@ def run_tp(model_path: str, world: int, tokens: list[int]):
     return torch.from_numpy(prefill), torch.from_numpy(stepwise), [params0] + [i[1] for i in items if i[0] == "params"]
 
 
+def assert_same_argmax_where_clear(got: torch.Tensor, want: torch.Tensor, min_clear: int) -> None:
+    """Logits within ATOL of each other can only pick different tokens where the reference's top-1
+    margin is below 2 * ATOL (a near-tie, where either order of summation may win): compare the
+    argmax everywhere else, and require enough such positions that the check means something."""
+    clear = top1_margins(want) > 2 * ATOL
+    assert int(clear.sum()) >= min_clear, int(clear.sum())
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
 def single_rank(model_path: str, tokens: list[int]):
     model = load_model(open_checkpoint(model_path), "float32")
     c = model.config
@@ -74,9 +84,9 @@ def test_tp2_matches_single_rank_tiny(family, tmp_path):
     make_tiny_hf_checkpoint(family, tmp_path)
     want, total = single_rank(str(tmp_path), TOKENS)
     prefill, stepwise, per_rank = run_tp(str(tmp_path), 2, TOKENS)
-    torch.testing.assert_close(stepwise, want, atol=1e-4, rtol=0)
-    torch.testing.assert_close(prefill, want[: len(TOKENS) - 3], atol=1e-4, rtol=0)
-    assert torch.equal(stepwise.argmax(-1), want.argmax(-1))
+    torch.testing.assert_close(stepwise, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(prefill, want[: len(TOKENS) - 3], atol=ATOL, rtol=0)
+    assert_same_argmax_where_clear(stepwise, want, min_clear=len(TOKENS) - 2)
     assert max(per_rank) < total  # no rank holds the whole model
 
 
@@ -87,6 +97,6 @@ def test_tp2_matches_single_rank_real_gemma3_270m(default_llm):
     tokens = default_llm.tokenizer.encode("The old lighthouse keeper climbed the stairs one last time and")
     want, total = single_rank(path, tokens)
     _, got, per_rank = run_tp(path, 2, tokens)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert_same_argmax_where_clear(got, want, min_clear=len(tokens) - 2)
     assert max(per_rank) < 0.6 * total

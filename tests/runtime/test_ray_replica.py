@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray")
 from gemma_dist import SamplingParams  # noqa: E402
 from gemma_dist.engine.llm_engine import EngineConfig  # noqa: E402
 from gemma_dist.runtime.replica import RayReplica  # noqa: E402
+from tests.helpers import stable_prefix  # noqa: E402
 
 GOLDEN = {c["kind"]: c for c in json.loads(
     (Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())["cases"]}
@@ -32,7 +33,9 @@ async def collect(replica, prompt, params):
 def test_tp2_ray_replica_matches_the_reference(tp2_replica):
     case = GOLDEN["prose"]
     deltas = asyncio.run(collect(tp2_replica, case["prompt"], SamplingParams(temperature=0, max_tokens=16)))
-    assert [t for d in deltas for t in d.token_ids] == case["output_token_ids"][:16]
+    # tp=2 sums partial products in another order than transformers' single process: equal up to
+    # the reference's first near-tie (prose has none: all 40 tokens are stable).
+    assert [t for d in deltas for t in d.token_ids] == stable_prefix(case)[:16] and len(stable_prefix(case)) >= 16
     assert deltas[-1].finish_reason is not None and deltas[-1].completion_tokens == 16
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 from gemma_dist.server.gateway import GemmaServicer, start_server
 from gemma_dist.server.validation import ServedModel
@@ -49,3 +50,15 @@ def running_gateway(replicas, llm, max_tokens_limit: int = 4096, credentials=Non
         server.stop()
         for replica in server.servicer.replicas:  # after scaling, the current set
             replica.shutdown()
+
+
+def wait_until(condition, seconds: float = 60.0, interval: float = 0.1):
+    """Poll `condition()` until it returns something truthy (returned) or `seconds` pass (its last
+    value is returned). For state that settles asynchronously (gauges refreshed every second,
+    requests reaching a replica), instead of a fixed sleep that a loaded machine can outlast."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

@@ -1,8 +1,15 @@
-"""Admission control, deadlines and cancellation at the gateway (in-process replica, real gRPC)."""
+"""Admission control, deadlines and cancellation at the gateway (in-process replica, real gRPC).
+
+Requests that must still be waiting at some moment are held there by a gate on the model's forward
+(no step computes while it is closed), not by a prompt assumed to take long enough to prefill: how
+long a prefill takes depends on the machine.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import threading
 import time
 
 import grpc
@@ -11,9 +18,45 @@ import pytest
 from gemma_dist.client import Client
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.runtime.local import LocalReplica
-from tests.server.harness import running_gateway
+from tests.server.harness import running_gateway, wait_until
 
-LONG = [2] + [1000 + (i * 37) % 5000 for i in range(3000)]  # seconds of prefill on this CPU
+LONG = [2] + [1000 + (i * 37) % 5000 for i in range(3000)]  # a long prompt (it is never prefilled here)
+
+
+class ForwardGate:
+    """Holds every forward of one model while closed: requests are admitted but no step computes,
+    on any machine. Installed on the instance, removed by `remove`."""
+
+    def __init__(self, model):
+        self.model = model
+        self._open = threading.Event()
+        self._open.set()
+        forward = model.forward
+
+        def gated(*args, **kwargs):
+            self._open.wait()
+            return forward(*args, **kwargs)
+
+        model.forward = gated
+
+    @contextlib.contextmanager
+    def closed(self):
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+    def remove(self):
+        self._open.set()
+        del self.model.forward  # the class's forward again
+
+
+@pytest.fixture
+def gate(default_llm):
+    g = ForwardGate(default_llm.model)
+    yield g
+    g.remove()
 
 
 def replica(llm, kv_bytes: int = 256 << 20):
@@ -31,39 +74,39 @@ def wait_idle(rep, seconds: float = 30.0):
     return rep.stats()
 
 
-def test_full_queue_fails_fast_and_queued_requests_complete(default_llm):
+def test_full_queue_fails_fast_and_queued_requests_complete(default_llm, gate):
     rep = replica(default_llm)
     with running_gateway([rep], default_llm, max_queued_requests=2) as server:
         target = f"127.0.0.1:{server.port}"
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            queued = [pool.submit(lambda: Client(target, timeout=300).generate(LONG, temperature=0, max_tokens=2))
-                      for _ in range(2)]
-            time.sleep(0.5)  # both are admitted and still prefilling (no first token yet)
-            with Client(target, timeout=30) as client:
-                start = time.perf_counter()
-                with pytest.raises(grpc.RpcError) as info:
-                    client.generate("Hi", max_tokens=1)
-                elapsed = time.perf_counter() - start
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and elapsed < 0.1
+            with gate.closed():  # both requests are admitted and get no first token until it opens
+                queued = [pool.submit(lambda i=i: Client(target, timeout=300).generate(
+                    f"Story {i}:", temperature=0, max_tokens=2)) for i in range(2)]
+                assert wait_until(lambda: rep.load() == 2), rep.load()
+                with Client(target, timeout=30) as client:
+                    with pytest.raises(grpc.RpcError) as info:
+                        client.generate("Hi", max_tokens=1)
+                # Refused while the queue could not move: it did not wait for a place in the queue.
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert not any(f.done() for f in queued)
             assert all(f.result().usage.completion_tokens == 2 for f in queued)
     assert wait_idle(rep).running == 0
 
 
-def test_queue_timeout_is_unavailable(default_llm):
-    # 10,000 prompt tokens take well over the 3 s queue timeout to prefill on this CPU, while the
-    # short request afterwards has 3 s of headroom even on a loaded machine.
-    longer = [2] + [1000 + (i * 37) % 5000 for i in range(10_000)]
-    rep = replica(default_llm, kv_bytes=512 << 20)  # room for the 10,000 tokens
+def test_queue_timeout_is_unavailable(default_llm, gate):
+    # While the gate is closed no request gets a first token, so this one waits out the 3 s queue
+    # timeout on any machine; the short request afterwards has 3 s of headroom even on a loaded one.
+    rep = replica(default_llm)
     with running_gateway([rep], default_llm, queue_timeout=3.0) as server:
         with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
-            with pytest.raises(grpc.RpcError) as info:
-                client.generate(longer, max_tokens=2)
+            with gate.closed(), pytest.raises(grpc.RpcError) as info:
+                client.generate("Once upon a time", max_tokens=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "queue-timeout" in info.value.details()
             assert wait_idle(rep).running == 0
             assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
 
 
-def test_cancelled_streams_and_expired_deadlines_free_everything(default_llm):
+def test_cancelled_streams_and_expired_deadlines_free_everything(default_llm, gate):
     rep = replica(default_llm)
     with running_gateway([rep], default_llm) as server:
         target = f"127.0.0.1:{server.port}"
@@ -75,7 +118,7 @@ def test_cancelled_streams_and_expired_deadlines_free_everything(default_llm):
                 call.cancel()
 
         def expire(i):
-            # 0.5 s: long enough for the call to reach the gateway, far too short for LONG's prefill.
+            # 0.5 s: long enough for the call to reach the gateway; the gate keeps it from a first token.
             with Client(target, timeout=0.5) as client:
                 with pytest.raises(grpc.RpcError) as info:
                     client.generate(LONG, max_tokens=50)
@@ -83,14 +126,22 @@ def test_cancelled_streams_and_expired_deadlines_free_everything(default_llm):
 
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
             list(pool.map(cancel_after_first_chunk, range(50)))
-            codes = list(pool.map(expire, range(20)))
+            with gate.closed():
+                codes = list(pool.map(expire, range(20)))
         assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
         stats = wait_idle(rep)
         assert (stats.waiting, stats.running, stats.free_blocks) == (0, 0, stats.total_blocks)
-        time.sleep(1.5)  # the metrics' gauges refresh every second
         from tests.server.test_metrics import scrape
-        metrics = scrape(server.servicer.metrics.serve("127.0.0.1", 0))
-        for gauge in ("gemma_requests_running", "gemma_requests_waiting", "gemma_kv_blocks_used"):
+        port = server.servicer.metrics.serve("127.0.0.1", 0)
+        gauges = ("gemma_requests_running", "gemma_requests_waiting", "gemma_kv_blocks_used")
+        # The gauges refresh every second (later on a loaded machine): wait for a refresh after the
+        # requests ended (all three at 0 together); the asserts below say which one did not get there.
+        def settled():
+            m = scrape(port)
+            return m if all(m.get((g, (("replica", "r0"),))) == 0 for g in gauges) else None
+
+        metrics = wait_until(settled) or scrape(port)
+        for gauge in gauges:
             assert metrics[(gauge, (("replica", "r0"),))] == 0, gauge
         generate_codes = {dict(labels)["code"]: value for (name, labels), value in metrics.items()
                           if name == "gemma_requests_total" and dict(labels).get("method") == "Generate"}

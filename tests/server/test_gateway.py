@@ -12,6 +12,7 @@ from gemma_dist.client import Client
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.runtime.local import LocalReplica
 from gemma_dist.v1 import gemma_pb2
+from tests.helpers import assert_greedy_agrees, stable_prefix
 from tests.server.harness import running_gateway
 
 GOLDEN = {c["kind"]: c for c in json.loads(
@@ -37,7 +38,7 @@ def test_generate_matches_the_reference(client):
     case = GOLDEN["prose"]
     out = client.generate(case["prompt"], temperature=0, max_tokens=12, request_id="mine")
     assert out.request_id == "mine"
-    assert list(out.token_ids) == case["output_token_ids"][:12]
+    assert list(out.token_ids) == stable_prefix(case)[:12] and len(stable_prefix(case)) >= 12
     assert out.finish_reason == gemma_pb2.FINISH_REASON_LENGTH
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(case["prompt_token_ids"]), 12)
 
@@ -56,11 +57,14 @@ def test_stream_concatenates_to_the_unary_result(client):
 def test_token_ids_and_chat_inputs(client, default_llm):
     case = GOLDEN["code"]
     by_ids = client.generate(case["prompt_token_ids"], temperature=0, max_tokens=6)
-    assert list(by_ids.token_ids) == case["output_token_ids"][:6]
+    assert list(by_ids.token_ids) == stable_prefix(case)[:6] and len(stable_prefix(case)) >= 6
     chat = client.generate(chat=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=4)
+    # The in-process reference, with its top-1 margins: served and in-process runs may sum in another
+    # order, so they must agree up to the reference's first near-tie.
     expected = default_llm.chat([{"role": "user", "content": "Hi"}],
-                                __import__("gemma_dist").SamplingParams(temperature=0, max_tokens=4))[0]
-    assert list(chat.token_ids) == expected.token_ids
+                                __import__("gemma_dist").SamplingParams(temperature=0, max_tokens=4, logprobs=2))[0]
+    margins = [lp.top[0][1] - lp.top[1][1] for lp in expected.logprobs]
+    assert assert_greedy_agrees(list(chat.token_ids), expected.token_ids, margins, what="chat") >= 1
 
 
 def test_tokenize_and_model_info(client, default_llm):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import grpc
@@ -12,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gemma_dist.client import Client
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.runtime.local import LocalReplica
-from tests.server.harness import running_gateway
+from tests.server.harness import running_gateway, wait_until
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -32,8 +31,13 @@ def test_metrics_match_the_requests_sent(default_llm):
             for bad in ({"prompt": ""}, {"prompt": "x", "top_p": 9.0}):
                 with pytest.raises(grpc.RpcError):
                     client.generate(**bad)
-        time.sleep(1.5)  # one gauge refresh
-        m = scrape(port)
+        # Gauges refresh every second (later on a loaded machine): wait for one after the last request.
+        def refreshed():
+            m = scrape(port)
+            ready = m.get(("gemma_kv_blocks_total", (("replica", "r0"),))) == rep.stats().total_blocks
+            return m if ready and m.get(("gemma_requests_running", (("replica", "r0"),))) == 0 else None
+
+        m = wait_until(refreshed) or scrape(port)
     assert m[("gemma_requests_total", (("code", "OK"), ("method", "Generate")))] == 2
     assert m[("gemma_requests_total", (("code", "OK"), ("method", "GenerateStream")))] == 1
     assert m[("gemma_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Generate")))] == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 
 import grpc
 import pytest
@@ -13,7 +12,7 @@ from gemma_dist.client import Client
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.runtime.local import LocalReplica
 from gemma_dist.server.security import BearerTokenInterceptor, server_credentials
-from tests.server.harness import running_gateway
+from tests.server.harness import running_gateway, wait_until
 
 
 def replica(llm):
@@ -79,9 +78,7 @@ def test_health_is_not_serving_only_while_no_replica_is_ready(default_llm):
                                     timeout=10).status
 
             assert status() == health_pb2.HealthCheckResponse.SERVING
-            rep.draining = True
-            time.sleep(1.5)  # one refresh
-            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            rep.draining = True  # health refreshes every second (later on a loaded machine)
+            assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
             rep.draining = False
-            time.sleep(1.5)
-            assert status() == health_pb2.HealthCheckResponse.SERVING
+            assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING)

@@ -408,14 +408,27 @@ def test_blockwise_kernels_match_torch_at_gemma_vocab():
         assert torch.equal(logits.gather(1, ids), values)
 
 
+def _best_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm up (scratch buffers, kernels)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def test_full_vocab_batch_is_fast():
+    """Sampling a batch at Gemma's vocabulary costs a few passes over the logits, measured against
+    one pass (a softmax of the same batch) timed in the same run, not against a wall-clock bound
+    that only holds on one machine. A full-vocabulary sort, the cost this guards against, takes ~30x
+    a softmax; the sampler took ~1.3x (default top-k/top-p) and ~0.1x (greedy)."""
     logits = torch.randn(32, GEMMA_VOCAB)
     sampler = Sampler(seed=0)
+    one_pass = _best_seconds(lambda: torch.softmax(logits, dim=-1))
     for params in (SamplingParams(), SamplingParams(temperature=0)):
         rows = [row(params, prompt=[1, 2, 3], output=[4])] * 32
-        sampler(logits, rows)  # warm up the scratch buffer
-        start = time.perf_counter()
         token_ids = sampler(logits, rows).token_ids
-        elapsed = time.perf_counter() - start
         assert len(token_ids) == 32 and all(0 <= t < GEMMA_VOCAB for t in token_ids)
-        assert elapsed < 0.5, f"{params}: {elapsed * 1e3:.1f} ms"
+        elapsed = _best_seconds(lambda: sampler(logits, rows))
+        assert elapsed < 8 * one_pass, f"{params}: {elapsed * 1e3:.1f} ms, softmax {one_pass * 1e3:.1f} ms"

@@ -22,7 +22,7 @@ from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from gemma_dist.engine.xla_runner import XlaModelRunner, compile_count, device_count, spmd_context  # noqa: E402
 from gemma_dist.model.loading import load_model, open_checkpoint  # noqa: E402
 from gemma_dist.sampling import SamplingParams  # noqa: E402
-from tests.helpers import make_tiny_hf_checkpoint  # noqa: E402
+from tests.helpers import assert_greedy_agrees, make_tiny_hf_checkpoint, stable_prefix  # noqa: E402
 
 pytestmark = pytest.mark.xla
 GOLDEN = json.loads((Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())
@@ -86,27 +86,43 @@ def mixed_requests(count: int, seed: int) -> list[tuple[list[int], int]]:
     return out
 
 
-def run_staggered(engine: LLMEngine, requests, arrive_every: int = 2) -> dict[str, list[int]]:
-    """Greedy outputs; a new request joins every `arrive_every` steps (continuous batching)."""
+def run_staggered(engine: LLMEngine, requests, arrive_every: int = 2,
+                  margins: dict[str, list[float]] | None = None) -> dict[str, list[int]]:
+    """Greedy outputs; a new request joins every `arrive_every` steps (continuous batching). With a
+    `margins` dict, each request's top-1 margin (top-1 minus top-2 logit) at every step goes there."""
     pending = list(enumerate(requests))
     outputs: dict[str, list[int]] = {}
     step = 0
     while pending or engine.has_unfinished_requests:
         if pending and step % arrive_every == 0:
             i, (prompt, n) = pending.pop(0)
-            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
+                                                               logprobs=2 if margins is not None else 0))
         for delta in engine.step():
             outputs.setdefault(delta.request_id, []).extend(delta.token_ids)
+            if margins is not None:
+                margins.setdefault(delta.request_id, []).extend(lp.top[0][1] - lp.top[1][1] for lp in delta.logprobs)
         step += 1
     return outputs
+
+
+def assert_greedy_outputs_agree(got: dict[str, list[int]], want: dict[str, list[int]],
+                                margins: dict[str, list[float]]) -> None:
+    """XLA compiles its own fusions, so its logits differ from eager's in the last bits and a greedy
+    near-tie may go either way: each request must equal eager's tokens up to eager's first near-tie
+    (tests/helpers.py GOLDEN_MARGIN), and most tokens must come before one."""
+    assert set(got) == set(want)
+    compared = sum(assert_greedy_agrees(got[r], want[r], margins[r], what=r) for r in want)
+    assert compared >= 0.75 * sum(len(t) for t in want.values()), compared
 
 
 @pytest.mark.parametrize("tp", [1, 4])
 def test_tiny_greedy_equals_eager(tiny_checkpoint, tokenizer, tp):
     requests = mixed_requests(10, seed=1)
-    eager = run_staggered(eager_engine(tiny_checkpoint, TINY, tokenizer), requests)
+    margins: dict[str, list[float]] = {}
+    eager = run_staggered(eager_engine(tiny_checkpoint, TINY, tokenizer), requests, margins=margins)
     xla = run_staggered(xla_engine(tiny_checkpoint, tp, TINY, tokenizer), requests)
-    assert xla == eager
+    assert_greedy_outputs_agree(xla, eager, margins)
     assert sum(len(v) for v in xla.values()) == sum(n for _, n in requests)
 
 
@@ -141,11 +157,13 @@ def test_prompt_longer_than_the_largest_bucket_is_refused(tokenizer, tmp_path):
 def test_real_gemma3_270m_greedy_equals_eager(tokenizer, tp):
     prompts = [c["prompt_token_ids"] for c in REAL_CASES]
     requests = [(p, REAL_TOKENS) for p in prompts]
+    margins: dict[str, list[float]] = {}
     xla = run_staggered(xla_engine("default", tp, REAL, tokenizer), requests, arrive_every=1)
-    eager = run_staggered(eager_engine("default", REAL, tokenizer), requests, arrive_every=1)
-    assert xla == eager
-    for i, case in enumerate(REAL_CASES):  # and both are transformers' tokens
-        assert xla[f"r{i}"] == case["output_token_ids"][:REAL_TOKENS], case["kind"]
+    eager = run_staggered(eager_engine("default", REAL, tokenizer), requests, arrive_every=1, margins=margins)
+    assert_greedy_outputs_agree(xla, eager, margins)
+    for i, case in enumerate(REAL_CASES):  # and both are transformers' tokens (before any near-tie)
+        stable = stable_prefix(case)[:REAL_TOKENS]
+        assert len(stable) == REAL_TOKENS and xla[f"r{i}"] == stable, case["kind"]
 
 
 def test_spmd_weights_are_sharded_like_the_tensor_parallel_ranks(tiny_checkpoint, tokenizer):

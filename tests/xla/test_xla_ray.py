@@ -1,6 +1,6 @@
 """An XLA replica on a real local Ray cluster: one ShardWorker actor owns the (4 virtual) XLA
 devices, shards the model over them with SPMD, warms up, and serves concurrent requests
-through the coordinator with the same greedy tokens as the eager engine and no compile after
+through the coordinator with the eager engine's greedy tokens (up to near-ties) and no compile after
 warm-up. Runs in the XLA test environment (see test_xla.py)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from gemma_dist.model.loading import load_model, open_checkpoint  # noqa: E402
 from gemma_dist.model.loading.default_model import default_model_dir  # noqa: E402
 from gemma_dist.sampling import SamplingParams  # noqa: E402
 from tests.helpers import make_tiny_hf_checkpoint  # noqa: E402
-from tests.xla.test_xla import mixed_requests, run_staggered  # noqa: E402
+from tests.xla.test_xla import assert_greedy_outputs_agree, mixed_requests, run_staggered  # noqa: E402
 
 pytestmark = pytest.mark.xla
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,8 @@ def test_xla_replica_serves_concurrent_requests_like_the_eager_engine(cluster, c
             eager = LLMEngine(load_model(checkpoint, "float32"), checkpoint.load_tokenizer(), CONFIG)
         finally:
             checkpoint.source.close()
-        assert served == run_staggered(eager, requests)
+        margins: dict[str, list[float]] = {}
+        assert_greedy_outputs_agree(served, run_staggered(eager, requests, margins=margins), margins)
         stats = replica.stats()
         assert stats.running == 0 and stats.free_blocks == stats.total_blocks
     finally:
