@@ -666,9 +666,9 @@ class AsyncLLMEngine:
                 if not in_flight:
                     self._queue_deltas(engine._take_expired())
                     self._flush()
-                    if not engine.has_unfinished_requests:
-                        self._wakeup.wait(0.05)
-                        self._wakeup.clear()
+                    # Idle, or (briefly) nothing schedulable yet: sleep until a command or a moment passes.
+                    self._wakeup.wait(0.001 if engine.has_unfinished_requests else 0.05)
+                    self._wakeup.clear()
                     continue
                 self._queue_deltas(engine.complete(in_flight.popleft()))  # with requests that expired at its launch
                 self._stats = engine.stats()  # before delivery: a consumer may look at once

@@ -519,6 +519,16 @@ def test_dry_run_prints_the_resolved_settings(capsys):
     assert dry_run([], capsys)[1]["dtype"] is None  # auto: decided once the device is known
 
 
+def test_dry_run_shows_the_step_limits_and_dispatch(capsys):
+    defaults = dry_run([], capsys)[1]
+    assert (defaults["max_num_seqs"], defaults["max_num_batched_tokens"]) == (64, 2048)  # LLM(...)'s defaults
+    assert defaults["step_dispatch"] == "auto"
+    settings = dry_run(["--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
+                        "--step-dispatch", "compiled-graph"], capsys)[1]
+    assert (settings["max_num_seqs"], settings["max_num_batched_tokens"]) == (256, 8192)
+    assert settings["step_dispatch"] == "compiled-graph"
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--replicas", "0"], "--replicas"),
     (["--tp", "-1"], "--tp"),
@@ -529,6 +539,8 @@ def test_dry_run_prints_the_resolved_settings(capsys):
     (["--max-queued-requests", "0"], "--max-queued-requests"),
     (["--queue-timeout", "0"], "--queue-timeout"),
     (["--kv-cache-memory", "0"], "--kv-cache-memory"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--max-num-seqs", "128", "--max-num-batched-tokens", "64"], "--max-num-batched-tokens"),
 ])
 def test_dry_run_rejects_bad_values_naming_the_flag(argv, flag, capsys):
     code, settings, err = dry_run(argv, capsys)

@@ -91,3 +91,32 @@ def test_seeded_sampling_equal_across_tp_and_dispatch(replicas):
     for replica in replicas:
         stats = replica.stats()
         assert (stats.running, stats.waiting, stats.free_blocks) == (0, 0, stats.total_blocks)
+
+
+def test_a_worker_dying_under_the_compiled_graph_fails_the_stream_and_the_replica_rebuilds(replicas):
+    """The graph's channels report a dead rank at once (no waiting out the step watchdog); the
+    replica is rebuilt, graph and all, and serves again."""
+    import time
+
+    from gemma_dist.runtime import ReplicaFailure
+
+    _, two = replicas
+
+    async def kill_mid_stream():
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        tokens = 0
+        async for delta in two.generate("doomed", params, prompt=GOLDEN["prose"]["prompt"]):
+            tokens += len(delta.token_ids)
+            if tokens == len(delta.token_ids):  # the first token arrived: the graph is running
+                ray.kill(two.workers[1])
+        return tokens
+
+    start = time.monotonic()
+    with pytest.raises(ReplicaFailure):
+        asyncio.run(kill_mid_stream())
+    assert time.monotonic() - start < 60  # far below the 120 s step watchdog
+    assert two.mark_failed()
+    two.rebuild()
+    assert two.is_ready() and two.dispatch_in_use == "compiled-graph" and two.rebuilds == 1
+    out = asyncio.run(run(two, "Hello", SamplingParams(temperature=0, max_tokens=3), "after-rebuild"))
+    assert sum(len(d.token_ids) for d in out) == 3

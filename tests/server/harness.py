@@ -33,8 +33,17 @@ class ServerThread:
     def stop(self):
         self.loop.call_soon_threadsafe(self.server.metrics_task.cancel)
         asyncio.run_coroutine_threadsafe(self.server.stop(grace=None), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self.loop).result(30)  # e.g. replicas' pollers
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel every task of the running loop but this one, and wait for them to end."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @contextlib.contextmanager
