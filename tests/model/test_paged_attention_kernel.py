@@ -114,3 +114,32 @@ def test_unknown_attention_backend_is_refused(tmp_path):
     assert ModelRunner(model, 4, 4).attention == "gather"  # the CPU default
     with pytest.raises(ValueError, match="power-of-two block_size, got 6"):
         ModelRunner(model, 4, 6, attention="kernel")
+
+
+def test_decode_graphs_read_a_persistent_batch_as_they_read_step_inputs(tmp_path):
+    """The engine's path (a plan applied to a persistent batch, `run_prepared`) fills the graphs'
+    static buffers exactly as the StepInput path does: the same logits, bit for bit."""
+    from gemma_dist.engine.persistent_batch import PersistentBatch
+    from gemma_dist.engine.step_plan import NewRequest, StepPlan
+    from gemma_dist.sampling import SamplingParams
+
+    make_tiny_hf_checkpoint("gemma3", tmp_path)
+    model = load_model(open_checkpoint(tmp_path), "float32", DEVICE)
+    runner = ModelRunner(model, 24, 4, attention="kernel", decode_graphs=True, max_model_len=32)
+    g = torch.Generator().manual_seed(3)
+    prompts = [[2] + torch.randint(10, 500, (n,), generator=g).tolist() for n in (12, 3, 9)]
+    tables = [[5, 0, 7, 2], [9, 11], [3, 4, 14]]  # scattered blocks covering prompt + one token
+    batch = PersistentBatch(block_size=4)
+    batch.apply(StepPlan(added=[NewRequest(i, f"r{i}", p, [], SamplingParams(temperature=0))
+                                for i, p in enumerate(prompts)],
+                         block_updates=[(i, 0, t) for i, t in enumerate(tables)]))
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):  # prefill all but the last prompt token
+            runner.logits([StepInput(p[:-1], 0, tables[i], None)])
+        plan = StepPlan(slots=[2, 0, 1], num_cached=[len(prompts[i]) - 1 for i in (2, 0, 1)], num_tokens=[1, 1, 1],
+                        samples=[True, True, True])
+        prepared = runner.prepare(batch, plan)
+        assert runner.decode_graphs.fits_prepared(prepared)
+        from_batch = runner.decode_graphs.run_prepared(prepared).clone()
+        from_steps = runner.decode_graphs.run(batch.step_inputs(plan)).clone()
+    assert torch.equal(from_batch, from_steps)
