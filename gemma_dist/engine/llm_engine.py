@@ -375,9 +375,11 @@ class LLMEngine:
         return self.complete(in_flight)
 
     # A step in two halves, so a driver can overlap them (AsyncLLMEngine): `launch` plans a step
-    # and hands it to the runner; `complete` waits for its tokens and postprocesses them. While
-    # a remote runner computes step N+1, the driver postprocesses step N. Only one step is ever
-    # in flight, and plans run in order, so blocks freed meanwhile are reused only by later steps.
+    # and hands it to the runner; `complete` waits for its tokens and postprocesses them. A driver
+    # may launch step N+1 before completing step N (its sampled tokens are pending meanwhile).
+    # Runners run plans in order, so blocks freed while a step is in flight are only reused by
+    # steps that run after it, and a sequence that finishes meanwhile just has its later tokens
+    # dropped.
 
     def launch(self) -> _InFlight | None:
         """Plan the next step and start it on the runner; None when nothing is scheduled.
@@ -432,9 +434,7 @@ class LLMEngine:
             if logprob is not None:
                 seq.logprobs.append(logprob)
             seq.finish_reason = finish_on_token(seq, token)
-            if seq.finish_reason is not None and seq not in self.scheduler.running:
-                self.scheduler.release(seq)  # preempted while this step ran, and done after all
-                self._free_slot(seq)
+            self._release_if_waiting(seq)
             appended.append(seq)
         self._release_finished()
         self.times.postprocess += time.perf_counter() - waited
@@ -458,9 +458,17 @@ class LLMEngine:
                                            len(seq.prompt_token_ids), len(seq.output_token_ids)))
             if seq.is_finished:
                 self._forget(seq.request_id)
+                self._release_if_waiting(seq)
         self._release_finished()
         self.times.postprocess += time.perf_counter() - start
         return deltas
+
+    def _release_if_waiting(self, seq: Sequence) -> None:
+        """Free a finished sequence that waits to resume (it was preempted while the step that
+        finished it ran); finished running ones go in `_release_finished`."""
+        if seq.is_finished and seq not in self.scheduler.running:
+            self.scheduler.release(seq)
+            self._free_slot(seq)
 
     def _release_finished(self) -> None:
         for seq in self.scheduler.release_finished():

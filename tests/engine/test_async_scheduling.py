@@ -112,7 +112,10 @@ def test_async_scheduling_gives_every_request_its_solo_tokens(checkpoint, num_bl
     for i in range(16):
         prompt = [2] + [100 + (i * 7 + j) % 90 for j in range(3 + (i * 5) % 23)]
         stops = (300 + (i * 13) % 50,) if i % 3 == 0 else ()
-        params = SamplingParams(temperature=0, max_tokens=4 + (i * 11) % 21, stop_token_ids=stops, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=8 + (i * 11) % 30, stop_token_ids=stops, ignore_eos=True)
+        if i % 4 == 1:  # a stop string: the text of its solo output's 9th token, found only after detokenizing
+            params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                    stop=[tokenizer.decode(solo(prompt, params)[8:9]).strip() or "never"])
         requests.append((f"r{i}", prompt, params))
     async_engine = AsyncLLMEngine(engine)
 
@@ -137,6 +140,8 @@ def test_async_scheduling_gives_every_request_its_solo_tokens(checkpoint, num_bl
         async_engine.shutdown()
     for i, ((request_id, prompt, params), tokens) in enumerate(zip(requests, outputs)):
         want = solo(prompt, params)
+        if params.stop:  # up to the token whose text completes the stop string
+            want = next(want[:k] for k in range(1, len(want) + 1) if params.stop[0] in tokenizer.decode(want[:k]))
         if i == 5:
             assert tokens == want[:len(tokens)] and len(tokens) >= 3
         else:
@@ -146,3 +151,58 @@ def test_async_scheduling_gives_every_request_its_solo_tokens(checkpoint, num_bl
     assert (stats.running, stats.waiting, stats.free_blocks) == (0, 0, stats.total_blocks)
     if num_blocks == 40:
         assert stats.preemptions > 0
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_random_workloads_two_steps_in_flight(checkpoint, seed):
+    """Random prompts, lengths, stop tokens and stop strings over tight caches, driven as the
+    async engine drives a remote runner (launch N+1 before completing N), without threads: every
+    request gets its solo tokens, and everything is freed, including sequences that finish while
+    waiting to resume (preempted while the step that finished them ran)."""
+    import random
+
+    rng = random.Random(seed)
+    config, tokenizer = checkpoint
+    runner = QueuedFakeRunner()
+    block_size, max_len = 4, 0
+    requests = {}
+    for i in range(rng.randint(3, 10)):
+        prompt = [2] + [rng.randint(100, 250) for _ in range(rng.randint(1, 20))]
+        params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 30), ignore_eos=True,
+                                stop_token_ids=(rng.randint(300, 349),) if rng.random() < 0.4 else ())
+        if rng.random() < 0.3:
+            text = tokenizer.decode(solo(prompt, params)[rng.randint(0, 3):][:1]).strip()
+            params = SamplingParams(temperature=0, max_tokens=params.max_tokens, ignore_eos=True,
+                                    stop=[text] if text else [])
+        requests[f"r{i}"] = (prompt, params)
+        max_len = max(max_len, len(prompt) + params.max_tokens)
+    num_blocks = rng.randint(-(-max_len // block_size), 2 * -(-max_len // block_size))
+    engine = LLMEngine.with_runner(config, tokenizer, EngineConfig(block_size=block_size, max_num_seqs=rng.randint(1, 6),
+                                                                   max_num_batched_tokens=rng.randint(6, 40)),
+                                   runner, num_blocks)
+    pending = list(requests.items())
+    outputs: dict[str, list[int]] = {rid: [] for rid in requests}
+    in_flight: collections.deque = collections.deque()
+    for step in range(2000):
+        if pending and rng.random() < 0.5:  # arrivals between steps
+            rid, (prompt, params) = pending.pop(0)
+            engine.add_request(rid, prompt, params)
+        while len(in_flight) < 2:
+            launched = engine.launch()
+            if launched is None:
+                break
+            in_flight.append(launched)
+        if in_flight:
+            for delta in engine.complete(in_flight.popleft()):
+                outputs[delta.request_id] += delta.token_ids
+        elif not pending and not engine.has_unfinished_requests:
+            break
+    assert not pending and not in_flight and not engine.has_unfinished_requests
+    for rid, (prompt, params) in requests.items():
+        want = solo(prompt, params)
+        if params.stop:
+            want = next((want[:k] for k in range(1, len(want) + 1) if params.stop[0] in tokenizer.decode(want[:k])),
+                        want)
+        assert outputs[rid] == want, rid
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.free_blocks) == (0, 0, stats.total_blocks)
