@@ -68,7 +68,7 @@ class DecodeGraphs:
         positions = torch.tensor(step.num_cached, dtype=torch.int64)
         width = int(positions.max()) // bs + 1
         ids = torch.zeros(batch, dtype=torch.int64)
-        ids[:n] = step.input_ids.to("cpu", non_blocking=True)
+        ids[:n] = step.host_input_ids
         padded_positions = torch.zeros(batch, dtype=torch.int64)
         padded_positions[:n] = positions
         slots = torch.full((batch,), self.scratch_block * bs, dtype=torch.int64)

@@ -54,6 +54,7 @@ class PreparedStep:
     """A step's model inputs, built from the persistent batch."""
 
     input_ids: torch.Tensor  # (T,) int64 on the runner's device
+    host_input_ids: torch.Tensor  # the same on the host (CUDA-graph decode copies from here, no sync)
     positions: torch.Tensor  # (T,) int64
     meta: AttentionMetadata
     sampling: list[SamplingRow]  # one per sampling row, in row order
@@ -165,7 +166,8 @@ class PersistentBatch:
         sample_rows = [i for i, s in enumerate(plan.samples) if s]
         sampling = [SamplingRow(rows[i].params, rows[i].prompt, rows[i].output, rows[i].generator)
                     for i in sample_rows]
-        return PreparedStep(torch.tensor(ids, dtype=torch.int64).to(device), positions, meta, sampling, sample_rows,
+        host_ids = torch.tensor(ids, dtype=torch.int64)
+        return PreparedStep(host_ids.to(device), host_ids, positions, meta, sampling, sample_rows,
                             list(plan.num_cached), tables)
 
     def step_inputs(self, plan: StepPlan) -> list:
