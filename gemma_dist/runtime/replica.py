@@ -334,8 +334,11 @@ class RayReplica:
         kv_bytes = int(config.kv_cache_memory) if config.kv_cache_memory > 1 else 2 << 30
         blocks = ray.get([w.start.remote(master, port, kv_bytes, config.block_size, config.seed, vocab_limit, config)
                           for w in self.workers])
+        # Its engine thread blocks on step results with ray.get, off the actor's event loop; Ray
+        # warns about any ray.get in an async actor, so that warning is off here.
         self.coordinator = ray.remote(Coordinator).options(
-            num_cpus=cpus, scheduling_strategy=self._bundle(self.tp), max_concurrency=1000).remote(
+            num_cpus=cpus, scheduling_strategy=self._bundle(self.tp), max_concurrency=1000,
+            runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}).remote(
             model, variant, self.workers, min(blocks), config, step_timeout, self.dispatch)
         self.dispatch_in_use = ray.get(self.coordinator.ready.remote())
         log.info("%s: %d shard worker(s) ready; steps go by %s", self.name, self.tp, self.dispatch_in_use)
