@@ -27,9 +27,6 @@ import asyncio
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -37,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.bench_serving import free_port, start_server, stop_server  # noqa: E402
 
 PHASES = ("schedule", "prepare", "forward", "sample", "postprocess", "transport", "idle")
 WORDS = ("river town market grain apple barrel morning signal engine harbor letter garden winter copper "
@@ -157,12 +156,6 @@ def run_engine(model_dir: Path, texts: list[str], output_len: int, max_num_seqs:
 # ------------------------------------------------------------------------------------ served stack
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scrape(metrics_port: int) -> dict[str, float]:
     """Engine step counters (summed over replicas) from the gateway's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -177,41 +170,18 @@ def scrape(metrics_port: int) -> dict[str, float]:
 
 
 class Server:
-    """`gemma-dist serve` in a subprocess, as users start it."""
+    """`gemma-dist serve` in a subprocess, as users start it (bench_serving's launcher)."""
 
-    def __init__(self, model_dir: Path, tp: int, dispatch: str, max_num_seqs: int, max_batched: int, log_dir: Path):
-        self.port, self.metrics_port = free_port(), free_port()
-        self.log = log_dir / f"bench_overhead_serve_tp{tp}_{dispatch}.log"
-        cmd = [sys.executable, "-m", "gemma_dist.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
-               "--device", "cpu", "--tp", str(tp), "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-               "--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_batched),
-               "--kv-cache-memory", str(1 << 30), "--step-dispatch", dispatch]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                                     start_new_session=True)
-        self.target = f"127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        from gemma_dist.client import Client
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gemma-dist serve exited with {self.proc.returncode}; log: {self.log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gemma-dist serve did not answer within {timeout:g}s; log: {self.log}")
-            try:
-                with Client(self.target, timeout=5) as client:
-                    client.generate("Hello", temperature=0, max_tokens=1)
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.5)
+    def __init__(self, model_dir: Path, tp: int, dispatch: str, max_num_seqs: int, max_batched: int):
+        self.metrics_port = free_port()
+        self.proc, self.target, _ = start_server(
+            tp, str(model_dir), "float32", "cpu", self.metrics_port,
+            ("--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_batched),
+             "--kv-cache-memory", str(1 << 30), "--step-dispatch", dispatch),
+            f"bench_overhead_serve_tp{tp}_{dispatch}.log")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_server(self.proc)
 
 
 async def _stream_all(target: str, texts: list[str], output_len: int) -> tuple[int, float, list[float]]:
@@ -306,12 +276,10 @@ def main() -> int:
         engine[n] = run_engine(model_dir, prompts(n, args.prompt_len, seed=n), args.output_len, max_seqs, batched)
         rows.append(("in-process engine", n, engine[n]))
         print(f"  engine, {n} streams: {engine[n]['tok_s']:.0f} tok/s", file=sys.stderr)
-    log_dir = Path(os.environ.get("OUT", "/tmp"))
     for tp, dispatch in served:
-        server = Server(model_dir, tp, dispatch, max_seqs, batched, log_dir)
+        server = Server(model_dir, tp, dispatch, max_seqs, batched)
         name = f"served tp={tp}" + ("" if dispatch == "auto" else f", {dispatch}")
         try:
-            server.wait_ready()
             for n in streams:
                 result = run_served(server, prompts(n, args.prompt_len, seed=n), args.output_len)
                 rows.append((name, n, result))

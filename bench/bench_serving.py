@@ -71,17 +71,19 @@ def random_gemma3_1b(directory: Path, tokenizer: Path | None = None, device: str
     return directory
 
 
-def start_server(tp: int, model: str = "default", dtype: str = "float32",
-                 device: str = "auto") -> tuple[subprocess.Popen, str, float]:
-    """Launch `gemma-dist serve`; returns the process, its target, and seconds to the first token."""
+def start_server(tp: int, model: str = "default", dtype: str = "float32", device: str = "auto",
+                 metrics_port: int = 0, extra_args: tuple[str, ...] = (),
+                 log_name: str | None = None) -> tuple[subprocess.Popen, str, float]:
+    """Launch `gemma-dist serve` (with `extra_args`, logging to $OUT or /tmp); returns the process,
+    its target, and seconds to the first token."""
     from gemma_dist.client import Client
 
     port = free_port()
     launched = time.perf_counter()
-    log_path = Path(os.environ.get("OUT", "/tmp")) / f"bench_serve_tp{tp}.log"
+    log_path = Path(os.environ.get("OUT", "/tmp")) / (log_name or f"bench_serve_tp{tp}.log")
     proc = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--tp", str(tp),
                              "--model", model, "--dtype", dtype, "--device", device, "--placement-timeout", "60",
-                             "--metrics-port", "0"],
+                             "--metrics-port", str(metrics_port), *extra_args],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
     target = f"127.0.0.1:{port}"
     while True:

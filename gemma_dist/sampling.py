@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -682,7 +682,8 @@ def sample_vocab_parallel(local: torch.Tensor, rows: Sequence[SamplingRow], voca
     instead of whole rows. Every rank calls this with the same rows (collectives inside).
 
     local: (S, V_local) fp32, this rank's logits for ids [vocab_start, vocab_start + V_local);
-    ids >= vocab_size (padding, or beyond the tokenizer) are never picked. gather_last_dim:
+    ids >= vocab_size (padding, or beyond the tokenizer) are never picked (masked in `local` in
+    place, as `sample_rows` does at tp=1). gather_last_dim:
     concatenates every rank's tensor along the last dim (rank order). sampler: rank 0's (it
     draws the random numbers), None elsewhere (returns None).
 
@@ -694,7 +695,6 @@ def sample_vocab_parallel(local: torch.Tensor, rows: Sequence[SamplingRow], voca
     width = local.shape[1]
     limit = vocab_size - vocab_start  # columns at or past it are no token
     if limit < width:
-        local = local.clone()
         local[:, max(0, limit):] = float("-inf")
     wanted = [shard_candidates(row) for row in rows]
     picks = [i for i, k in enumerate(wanted) if k is not None]
@@ -734,7 +734,7 @@ def _sample_from_candidates(local: torch.Tensor, rows: list[SamplingRow], k: int
     parts = [values, (ids + vocab_start).float()]
     with_logprobs = any(row.params.logprobs for row in rows)
     if with_logprobs:
-        parts.append(_row_logsumexp(local))
+        parts.append(torch.logsumexp(local, dim=1, keepdim=True))  # raw logits; a shard of -inf gives -inf
     packed = torch.cat(parts, dim=1)  # (S, 2k [+ 1])
     gathered = gather_last_dim(packed.contiguous())  # (S, tp * width)
     if sampler is None:
@@ -746,9 +746,7 @@ def _sample_from_candidates(local: torch.Tensor, rows: list[SamplingRow], k: int
     candidates = blocks[:, :, :k].reshape(num_rows, -1).gather(1, order).contiguous()
     log_norm = None
     if with_logprobs:
-        shard_norms = blocks[:, :, 2 * k]  # (S, tp)
-        top = shard_norms.amax(dim=1, keepdim=True)
-        log_norm = (top + (shard_norms - top).exp().sum(dim=1, keepdim=True).log()).squeeze(1)  # (S,)
+        log_norm = torch.logsumexp(blocks[:, :, 2 * k], dim=1)  # (S,) over the shards' (S, tp) norms
     plain = [row if not row.params.has_penalties else SamplingRow(  # penalties were applied on the shards
         _without_penalties(row.params), row.prompt_token_ids, row.output_token_ids, row.generator) for row in rows]
     result = sampler(candidates, plain, log_norm)
@@ -759,14 +757,6 @@ def _sample_from_candidates(local: torch.Tensor, rows: list[SamplingRow], k: int
     return SampleResult(token_ids, logprobs)
 
 
-def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """(S, V) -> (S, 1) logsumexp, -inf entries allowed (a shard past the vocabulary)."""
-    top = logits.amax(dim=1, keepdim=True)
-    return top + (logits - top).exp().sum(dim=1, keepdim=True).log()
-
-
 def _without_penalties(params: SamplingParams) -> SamplingParams:
     """The same parameters with repetition / presence / frequency penalties off."""
-    import dataclasses
-
-    return dataclasses.replace(params, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    return replace(params, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)

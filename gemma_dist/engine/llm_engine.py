@@ -196,7 +196,6 @@ class EngineTimes:
 class _InFlight:
     """A step handed to the runner, not yet postprocessed."""
 
-    plan: SchedulerOutput
     sampled: list[Sequence]  # the sequences whose rows sample, in result order
     result: object  # the runner's future (`.result()`) or a finished SampleResult
     deltas: list  # deltas already known (expired requests)
@@ -205,10 +204,9 @@ class _InFlight:
 class _Request:
     """Engine-side state of one request beyond its Sequence: detokenizer and emitted text."""
 
-    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer, deadline: float | None):
+    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer):
         self.seq = seq
         self.detokenizer = detokenizer
-        self.deadline = deadline  # wall-clock time.time() after which the request is dropped
         self.arrival = time.monotonic()
         self.queue_seconds: float | None = None  # arrival → first scheduled, once known
         self.emitted_text = 0  # chars of seq.text already handed out
@@ -259,9 +257,9 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         self.runner = runner
         self._requests: dict[str, _Request] = {}
-        self._deadlines: dict[str, float] = {}  # request id → deadline, for requests that have one
-        freeze_startup_objects()
+        self._deadlines: dict[str, float] = {}  # request id → deadline (time.time()), for requests that have one
         self._expired: list[RequestDelta] = []  # final deltas of expired requests, not yet returned
+        freeze_startup_objects()
 
     @classmethod
     def from_model(cls, model: str = "default", dtype: str | None = None, variant: str | None = None,
@@ -318,7 +316,7 @@ class LLMEngine:
                        eos_token_ids=self.tokenizer.stop_token_ids(chat=is_chat),
                        max_context=self.max_model_len, prompt=text if text is not None else prompt_text)
         self.scheduler.add(seq)
-        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer), deadline)
+        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
         if deadline is not None:
             self._deadlines[request_id] = deadline
 
@@ -409,7 +407,7 @@ class LLMEngine:
         self.times.schedule += launched - start
         result = submit(step_plan) if submit is not None else self.executor.execute_plan(step_plan)
         self.times.execute += time.perf_counter() - launched
-        return _InFlight(plan, sampled, result, self._take_expired())
+        return _InFlight(sampled, result, self._take_expired())
 
     def complete(self, in_flight: _InFlight) -> list[RequestDelta]:
         """Wait for a launched step's tokens and postprocess them; the step's deltas."""
@@ -629,7 +627,7 @@ class AsyncLLMEngine:
         """Add a request whose deltas go to `sink`, called on the current event loop: each
         RequestDelta, ending with the one that has a finish_reason, or an exception (ValueError
         for bad input, EngineStoppedError) as the last item. `inputs`: LLMEngine.add_request's
-        keyword arguments. Returns the stream handle `abort_stream` takes."""
+        keyword arguments. Returns the stream's handle."""
         if self._stopped or self._failure is not None:
             raise EngineStoppedError("the engine is shut down") from self._failure
         stream = _Stream(asyncio.get_running_loop(), sink)
@@ -639,10 +637,6 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; its iterator ends with an ABORTED delta."""
         self._send(("abort", request_id, None))
-
-    def abort_stream(self, request_id: str, stream: _Stream) -> None:
-        """Abort `request_id` only if `stream` still owns it (never a newer request of that id)."""
-        self._send(("abort", request_id, stream))
 
     def stats(self) -> EngineStats:
         """The engine's counters as of the end of the last step."""

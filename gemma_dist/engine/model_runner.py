@@ -81,6 +81,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(c.num_layers, num_blocks + int(decode_graphs), block_size,
                                           model.num_kv_heads_per_rank, c.head_dim, dtype, self.device)
         self.sampler = sampler or Sampler()
+        self._logits: torch.Tensor | None = None  # the LM head's reused output buffer (CPU; _logits_buffer)
         self.decode_graphs = None
         if decode_graphs:
             from gemma_dist.engine.cuda_graphs import DecodeGraphs
@@ -169,7 +170,7 @@ class ModelRunner:
         if self.device.type != "cpu":
             return None
         width = self.model.embed.weight.shape[0]
-        buffer = getattr(self, "_logits", None)
+        buffer = self._logits
         if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:
             buffer = self._logits = torch.empty(max(rows, 64), width, dtype=dtype)
         return buffer[:rows]

@@ -16,7 +16,7 @@ import time
 import torch
 
 from gemma_dist.engine.step_plan import StepPlan
-from gemma_dist.model.attention import AttentionMetadata, metadata_from_tables
+from gemma_dist.model.attention import AttentionMetadata, metadata_from_tables, positions_of
 from gemma_dist.sampling import SampleResult, SamplingParams, SamplingRow, make_generator
 
 
@@ -65,19 +65,11 @@ class PreparedStep:
 
 @dataclasses.dataclass
 class StepTimes:
-    """Cumulative seconds a runner spent per phase, for the overhead benchmark and metrics."""
+    """Seconds a runner spent on one step per phase (reported to the engine with its tokens)."""
 
-    steps: int = 0
     prepare: float = 0.0  # applying the plan and building the step's tensors
     forward: float = 0.0  # the model, logits included
     sample: float = 0.0  # picking tokens (rank 0), with the vocab-parallel exchange at tp > 1
-
-    def add(self, other: "StepTimes") -> None:
-        """Accumulate another step's (or total's) times."""
-        self.steps += other.steps
-        self.prepare += other.prepare
-        self.forward += other.forward
-        self.sample += other.sample
 
 
 class PersistentBatch:
@@ -90,9 +82,6 @@ class PersistentBatch:
         self.samples = samples
         self.rows: list[_Row | None] = []
         self.tables = torch.zeros((16, 16), dtype=torch.int64)  # (capacity, width); grows by doubling
-
-    def __len__(self) -> int:
-        return sum(row is not None for row in self.rows)
 
     def apply(self, plan: StepPlan) -> None:
         """Bring the batch up to date with the plan's changes."""
@@ -161,13 +150,14 @@ class PersistentBatch:
             width = max(width, (cached + n - 1) // bs + 1)
         slots = torch.tensor(plan.slots, dtype=torch.int64)
         tables = self.tables[:, :width].index_select(0, slots)  # (B, W)
-        meta = metadata_from_tables(plan.num_tokens, plan.num_cached, tables, bs, sliding_window, device, use_kernel)
-        positions = _positions(plan.num_tokens, plan.num_cached).to(device)
+        positions = positions_of(plan.num_tokens, plan.num_cached)  # (T,) on the host
+        meta = metadata_from_tables(plan.num_tokens, plan.num_cached, tables, bs, sliding_window, device, use_kernel,
+                                    positions)
         sample_rows = [i for i, s in enumerate(plan.samples) if s]
         sampling = [SamplingRow(rows[i].params, rows[i].prompt, rows[i].output, rows[i].generator)
                     for i in sample_rows]
         host_ids = torch.tensor(ids, dtype=torch.int64)
-        return PreparedStep(host_ids.to(device), host_ids, positions, meta, sampling, sample_rows,
+        return PreparedStep(host_ids.to(device), host_ids, positions.to(device), meta, sampling, sample_rows,
                             list(plan.num_cached), tables)
 
     def step_inputs(self, plan: StepPlan) -> list:
@@ -184,12 +174,6 @@ class PersistentBatch:
         return inputs
 
 
-def _positions(query_lens: list[int], cached_lens: list[int]) -> torch.Tensor:
-    from gemma_dist.model.attention import positions_of
-
-    return positions_of(query_lens, cached_lens)
-
-
 class PlanRunner:
     """Runs StepPlans: applies each to a PersistentBatch, then executes it on a model runner
     (`ModelRunner`'s vectorized path, or any runner taking `StepInput`s, e.g. XLA's)."""
@@ -199,7 +183,6 @@ class PlanRunner:
         self.runner = runner
         self.samples = samples
         self.batch = PersistentBatch(runner.block_size, samples)
-        self.times = StepTimes()
 
     def execute_plan(self, plan: StepPlan) -> SampleResult | None:
         """Apply the plan and run its rows; tokens for its sampling rows (None where this
@@ -210,7 +193,7 @@ class PlanRunner:
         self.batch.apply(plan)
         if not plan.slots:
             return SampleResult([], []) if self.samples else None
-        step = StepTimes(steps=1)
+        step = StepTimes()
         execute_prepared = getattr(self.runner, "execute_prepared", None)
         if execute_prepared is None:
             steps = self.batch.step_inputs(plan)
@@ -222,12 +205,8 @@ class PlanRunner:
             step.prepare = time.perf_counter() - start
             result = execute_prepared(prepared, sample=self.samples, times=step)
         self.batch.append_sampled(plan, result.token_ids)
-        self.times.add(step)
         if not self.samples:
             return None
         result.runner_times = (step.prepare, step.forward, step.sample)
         result.runner_span = (began, time.time())
         return result
-
-    def release(self, request_id: str) -> None:
-        """Nothing to do: finished requests leave through the next plan's `removed`."""

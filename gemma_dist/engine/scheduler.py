@@ -129,28 +129,26 @@ class Scheduler:
         if seq is None:
             seq = next((s for s in self.running if s.request_id == request_id), None) or \
                 next((s for s in self.waiting if s.request_id == request_id), None)
-        if seq is None or seq.is_finished:
+        if seq is None or seq.is_finished or not self._remove(seq):
             return None
-        if seq in self.running:
-            self.running.remove(seq)
-        else:
-            try:
-                self.waiting.remove(seq)  # identity compare (Sequence has eq=False)
-            except ValueError:
-                return None
         return self._finish(seq, FinishReason.ABORTED)
 
     def release(self, seq: Sequence) -> None:
         """Drop a finished sequence wherever it is, freeing its blocks (a sequence preempted while
         the step sampling its last token ran finishes while waiting)."""
+        if self._remove(seq):
+            self.blocks.release(seq.block_table)
+
+    def _remove(self, seq: Sequence) -> bool:
+        """Take seq out of the running set or the waiting queue; False if it is in neither."""
         if seq in self.running:
             self.running.remove(seq)
-        else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                return
-        self.blocks.release(seq.block_table)
+            return True
+        try:
+            self.waiting.remove(seq)  # identity compare (Sequence has eq=False)
+        except ValueError:
+            return False
+        return True
 
     def release_finished(self) -> list[Sequence]:
         """Drop running sequences that finished this step, freeing their blocks at once."""
@@ -233,7 +231,6 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.num_cached = 0
-        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

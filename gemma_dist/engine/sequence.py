@@ -35,7 +35,6 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are already in the cache
     text: str = ""  # detokenized output, stop string removed
     finish_reason: FinishReason | None = None
-    num_preemptions: int = 0  # times its KV blocks were taken back (it then recomputes them)
     slot: int | None = None  # its row in the runners' persistent batch, while it holds one
     synced_blocks: int = 0  # block_table entries the runners already know (the rest travel next step)
     # Tokens that steps in flight are sampling: the runners append them themselves, and the next

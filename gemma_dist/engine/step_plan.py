@@ -47,18 +47,13 @@ class StepPlan:
     samples: list[bool] = dataclasses.field(default_factory=list)  # per row: sample after its last token
 
     @property
-    def num_rows(self) -> int:
-        """Sequences in the step."""
-        return len(self.slots)
-
-    @property
     def num_sampled(self) -> int:
         """Rows that sample a token."""
         return sum(self.samples)
 
 
 class SlotAllocator:
-    """Hands out the lowest free slot number, so persistent-batch rows stay dense."""
+    """Hands out slot numbers, reusing freed ones before new ones, so persistent-batch rows stay dense."""
 
     def __init__(self) -> None:
         self._free: list[int] = []  # freed slots, reused before new ones
@@ -74,8 +69,3 @@ class SlotAllocator:
     def give_back(self, slot: int) -> None:
         """Make `slot` reusable (after the runners were told it is removed)."""
         self._free.append(slot)
-
-    @property
-    def in_use(self) -> int:
-        """Slots currently held."""
-        return self._next - len(self._free)

@@ -121,16 +121,20 @@ def kernel_inputs(query_lens: Sequence[int], cached_lens: Sequence[int], block_t
                   sliding_window: int | None, device: torch.device | str, width: int | None = None) -> KernelInputs:
     """Fused-kernel inputs for B sequences, sequence b adding query_lens[b] tokens after cached_lens[b]
     (block tables padded with block 0 to `width`, default the longest)."""
-    return _kernel_inputs(query_lens, cached_lens, table_tensor(block_tables, width, torch.int32),
-                          sliding_window, device)
+    return _kernel_inputs(_sequence_of_tokens(query_lens), positions_of(query_lens, cached_lens),
+                          table_tensor(block_tables, width, torch.int32), sliding_window, device)
 
 
-def _kernel_inputs(query_lens: Sequence[int], cached_lens: Sequence[int], tables: torch.Tensor,
+def _sequence_of_tokens(query_lens: Sequence[int]) -> torch.Tensor:
+    """(T,) int64: which sequence each flattened new token belongs to."""
+    return torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens, dtype=torch.int64))
+
+
+def _kernel_inputs(token_seq: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                    sliding_window: int | None, device: torch.device | str) -> KernelInputs:
-    q = torch.tensor(query_lens, dtype=torch.int64)
-    token_seq = torch.repeat_interleave(torch.arange(len(query_lens), dtype=torch.int32), q)
-    positions = positions_of(query_lens, cached_lens).to(torch.int32)
-    return KernelInputs(token_seq.to(device), tables.to(device, torch.int32), positions.to(device), sliding_window)
+    """KernelInputs from host tensors: token_seq and positions (T,), tables (B, W)."""
+    return KernelInputs(token_seq.to(device, torch.int32), tables.to(device, torch.int32),
+                        positions.to(device, torch.int32), sliding_window)
 
 
 def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[int],
@@ -157,20 +161,22 @@ def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[in
 
 def metadata_from_tables(query_lens: Sequence[int], cached_lens: Sequence[int], tables: torch.Tensor,
                          block_size: int, sliding_window: int | None, device: torch.device | str = "cpu",
-                         use_kernel: bool = False) -> AttentionMetadata:
+                         use_kernel: bool = False, positions: torch.Tensor | None = None) -> AttentionMetadata:
     """`build_attention_metadata` over block tables already in one (B, W) int64 CPU tensor (a
     persistent batch's rows; W covers every sequence's new tokens). Vectorized: the host work
-    grows with the number of sequences and prefill chunks, not with their context length."""
+    grows with the number of sequences and prefill chunks, not with their context length.
+    `positions`: the tokens' (T,) host positions, when the caller has them already."""
     q = torch.tensor(query_lens, dtype=torch.int64)
-    positions = positions_of(query_lens, cached_lens)  # (T,) CPU
-    seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q)  # (T,)
+    if positions is None:
+        positions = positions_of(query_lens, cached_lens)  # (T,) CPU
+    seq_of_token = _sequence_of_tokens(query_lens)  # (T,)
     block_of_token = tables[seq_of_token, positions // block_size]
     slots = block_of_token * block_size + positions % block_size  # (T,) flat cache slots
     starts = torch.cumsum(q, 0) - q  # (B,) first flat token of each sequence
     last = (starts + q - 1).to(device)
     if use_kernel:
         return AttentionMetadata(slots.to(device), [], None, last,
-                                 _kernel_inputs(query_lens, cached_lens, tables, sliding_window, device))
+                                 _kernel_inputs(seq_of_token, positions, tables, sliding_window, device))
     decode = [b for b, n in enumerate(query_lens) if n == 1]
     groups, order = [], []
     if decode:

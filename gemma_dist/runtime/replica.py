@@ -302,7 +302,7 @@ class RayReplica:
         self._ready = False
         self.draining = False  # no new requests (being removed)
         self.rebuilds = 0
-        self._channels: _Channel | None = None  # link to the coordinator (see _channel)
+        self._current_channel: _Channel | None = None  # link to the coordinator (see _channel)
         self._build()
 
     def _build(self) -> None:
@@ -394,10 +394,10 @@ class RayReplica:
     def _channel(self) -> _Channel:
         """The link to the current coordinator on the running event loop (new after a rebuild)."""
         loop = asyncio.get_running_loop()
-        channel = self._channels
+        channel = self._current_channel
         if channel is None or channel.loop is not loop or channel.coordinator is not self.coordinator \
                 or channel.failure is not None:
-            channel = self._channels = _Channel(self.coordinator, self.name)
+            channel = self._current_channel = _Channel(self.coordinator, self.name)
         return channel
 
     def abort(self, request_id: str) -> None:
@@ -407,10 +407,6 @@ class RayReplica:
     def stats(self) -> EngineStats:
         """The coordinator's engine counters."""
         return ray.get(self.coordinator.stats.remote())
-
-    def worker_times(self) -> list[dict[str, float]]:
-        """Each shard worker's cumulative step-phase seconds (prepare, forward, sample) and steps."""
-        return ray.get([w.step_times.remote() for w in self.workers])
 
     def num_parameters_per_rank(self) -> list[int]:
         """Parameters held by each shard worker."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -108,11 +107,6 @@ class ShardWorker:
         """Apply one step's changes to this rank's persistent batch and run it; rank 0 returns
         the sampled tokens (with the seconds it spent), the other ranks None."""
         return self.plans.execute_plan(plan)
-
-    def step_times(self) -> dict[str, float]:
-        """Cumulative seconds this rank spent per phase (prepare, forward, sample) and steps run."""
-        times = self.plans.times
-        return {"steps": times.steps, "prepare": times.prepare, "forward": times.forward, "sample": times.sample}
 
     def num_parameters(self) -> int:
         """Parameters this rank holds (its shard)."""

@@ -36,7 +36,8 @@ class GatewayMetrics:
                                   registry=r)
         self.engine_step_seconds = Gauge(
             "gemma_engine_step_seconds", "Host seconds a replica's engine spent per step phase (cumulative): "
-            "schedule, prepare, forward, sample, postprocess, transport", ["replica", "phase"], registry=r)
+            "schedule, prepare, forward, sample, postprocess, transport, idle (the runner waiting between steps)",
+            ["replica", "phase"], registry=r)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a thread; returns its port."""

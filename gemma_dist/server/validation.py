@@ -43,14 +43,17 @@ class CheckedRequest:
     prompt_token_ids: list[int] | None = None  # given by the request, or the gateway's tokenization
     chat: list[dict[str, str]] | None = None
     params: SamplingParams = _DEFAULTS
-    tokenized: bool = False  # prompt_token_ids were made here from `prompt` or `chat`
+
+    @property
+    def tokenized(self) -> bool:
+        """True when prompt_token_ids were made here from `prompt` or `chat` (see `tokenize`)."""
+        return self.prompt_token_ids is not None and (self.prompt is not None or self.chat is not None)
 
     def tokenize(self, tokenizer) -> list[int]:
         """Token ids of the input, made once here and sent on (the replica does not tokenize again)."""
         if self.prompt_token_ids is None:
             self.prompt_token_ids = (tokenizer.encode_chat(self.chat) if self.chat is not None
                                      else tokenizer.encode(self.prompt))
-            self.tokenized = True
         return self.prompt_token_ids
 
     def engine_input(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from gemma_dist.model.loading import (
     open_checkpoint, parse_dtype,
 )
 from gemma_dist.model.loading.common import load_weights
-from tests.helpers import VOCAB, forward_chunks, make_tiny_hf_checkpoint, tiny_hf_config
+from tests.helpers import VOCAB, forward_chunks, make_tiny_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
