@@ -2,8 +2,12 @@
 """Offline engine throughput of gemma_dist against transformers' batched generate, same run.
 
 Workload: N requests of P random prompt tokens + O generated tokens each (greedy, ignore_eos),
-default model (Gemma 3 270M), fp32. Also: output tok/s at several concurrency levels, time to
-first token of a request that arrives while 31 others are decoding, and KV memory per token.
+default model (Gemma 3 270M), fp32. Also: this machine's fp32 GEMM peak and the workload's
+FLOPs (so the fp32 limit in tok/s and the share of it reached), the same workload with the
+weights not prepacked for oneDNN (MKL's GEMMs: the previous path), time to first token for N
+prompts arriving together against the ideal prefill time at peak, output tok/s at several
+concurrency levels, time to first token of a request that arrives while 31 others are decoding,
+and KV memory per token.
 
     .venv/bin/python bench/bench_engine.py [--requests 32] [--prompt-len 128] [--output-len 128]
 """
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gemma_dist import LLM, SamplingParams  # noqa: E402
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from gemma_dist.engine.model_runner import kv_bytes_per_token  # noqa: E402
+from gemma_dist.model.layers import set_cpu_kernels  # noqa: E402
 from gemma_dist.model.loading.default_model import default_model_dir  # noqa: E402
 
 
@@ -64,6 +69,53 @@ def transformers_throughput(work: list[list[int]], output_len: int, model_dir: s
     return len(work) * output_len / elapsed
 
 
+def gemm_peak(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 GEMM rate in FLOP/s (best of `repeats` size^3 products, all threads)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def workload_flops(config, requests: int, prompt_len: int, output_len: int) -> tuple[float, float]:
+    """(whole workload, prefill alone) FLOPs: 2 per weight per token through the layers, the LM
+    head once per output token (the first comes from the prefill), and attention's QK and PV."""
+    h, layers = config.hidden_size, config.num_layers
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    layer_weights = layers * (h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size)
+    lm_head = 2 * config.vocab_size * h
+
+    def attention(start: int, stop: int) -> float:  # positions start..stop-1, full context each
+        return layers * 4 * q * (stop * (stop + 1) - start * (start + 1)) / 2
+
+    prefill = requests * (prompt_len * 2 * layer_weights + lm_head + attention(0, prompt_len))
+    decode = requests * ((output_len - 1) * (2 * layer_weights + lm_head)
+                         + attention(prompt_len, prompt_len + output_len - 1))
+    return prefill + decode, prefill
+
+
+def time_to_first_token_together(llm: LLM, work: list[list[int]]) -> list[float]:
+    """Seconds to each request's first token when all of `work` arrives at once."""
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=1 << 30))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    start, first = time.perf_counter(), {}
+    for i, prompt in enumerate(work):
+        engine.add_request(f"r{i}", prompt, params)
+    while len(first) < len(work):
+        for delta in engine.step():
+            if delta.token_ids and delta.request_id not in first:
+                first[delta.request_id] = time.perf_counter() - start
+    while engine.has_unfinished_requests:
+        engine.step()
+    return sorted(first.values())
+
+
 def time_to_first_token_under_load(llm: LLM, work: list[list[int]], output_len: int) -> float:
     """Seconds from adding a request to its first token while len(work) others are decoding."""
     engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=1 << 30))
@@ -95,8 +147,20 @@ def main() -> int:
     work = prompts(args.requests, args.prompt_len, vocab)
     engine_warm = engine_throughput(llm, work[:2], 4)  # warm-up (allocations, kernels)
     del engine_warm
+    peak = gemm_peak()
+    total_flops, prefill_flops = workload_flops(llm.config, args.requests, args.prompt_len, args.output_len)
+    limit = args.requests * args.output_len / (total_flops / peak)
+    print(f"  fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s; workload {total_flops / 1e9:.0f} GFLOP", file=sys.stderr)
     ours = engine_throughput(llm, work, args.output_len)
     print(f"  gemma_dist engine: {ours:.1f} tok/s", file=sys.stderr)
+    unpacked = None
+    if llm.engine.runner.kernel_layers:  # the same workload on MKL's GEMMs (weights not prepacked), then packed again
+        set_cpu_kernels(llm.model, prepack=False)
+        unpacked = engine_throughput(llm, work, args.output_len)
+        set_cpu_kernels(llm.model)
+        print(f"  gemma_dist engine, weights not prepacked: {unpacked:.1f} tok/s", file=sys.stderr)
+    ttfts = time_to_first_token_together(llm, prompts(args.requests, args.prompt_len, vocab, seed=7))
+    ideal_prefill = prefill_flops / peak
     theirs = None if args.skip_transformers else transformers_throughput(work, args.output_len)
     if theirs:
         print(f"  transformers: {theirs:.1f} tok/s", file=sys.stderr)
@@ -112,13 +176,24 @@ def main() -> int:
     print(f"| {'measure':<62} | {'value':>12} |")
     print(f"|{'-' * 64}|{'-' * 14}|")
     label = f"{args.requests} x ({args.prompt_len} prompt + {args.output_len} output)"
+    print(f"| {'fp32 GEMM peak, 2048^3, GFLOP/s':<62} | {peak / 1e9:>12.1f} |")
+    print(f"| {'workload FLOPs (' + label + '), GFLOP':<62} | {total_flops / 1e9:>12.0f} |")
+    print(f"| {'fp32 limit at that peak, output tok/s':<62} | {limit:>12.1f} |")
     print(f"| {'gemma_dist engine, ' + label + ', output tok/s':<62} | {ours:>12.1f} |")
+    print(f"| {'share of the fp32 limit':<62} | {ours / limit:>11.0%} |")
+    if unpacked:
+        print(f"| {'same, weights not prepacked (MKL GEMMs), output tok/s':<62} | {unpacked:>12.1f} |")
     if theirs:
         print(f"| {'transformers batched generate, same workload, output tok/s':<62} | {theirs:>12.1f} |")
         print(f"| {'speed-up over transformers':<62} | {ours / theirs:>11.2f}x |")
     for n, rate in sweep:
         name = f"{n} concurrent ({args.prompt_len} + {args.sweep_output_len}), output tok/s"
         print(f"| {name:<62} | {rate:>12.1f} |")
+    together = f"{args.requests} x {args.prompt_len}-token prompts arriving together"
+    print(f"| {'time to first token p50, ' + together + ' (s)':<62} | {ttfts[len(ttfts) // 2]:>12.2f} |")
+    print(f"| {'time to first token max, same (s)':<62} | {ttfts[-1]:>12.2f} |")
+    print(f"| {'ideal prefill time at the GEMM peak (s)':<62} | {ideal_prefill:>12.2f} |")
+    print(f"| {'time to first token max / ideal':<62} | {ttfts[-1] / ideal_prefill:>11.2f}x |")
     print(f"| {'time to first token, arriving while 31 decode (s)':<62} | {ttft:>12.3f} |")
     print(f"| {'KV cache per token (bytes, all 18 layers, K+V, fp32)':<62} | {per_token:>12,} |")
     print(f"| {'KV cache tokens held by the default 2 GiB budget':<62} | {llm.max_cached_tokens:>12,} |")

@@ -15,6 +15,7 @@ import torch
 
 from gemma_dist.model.attention import allocate_kv_cache, build_attention_metadata, positions_of
 from gemma_dist.model.gemma import GemmaForCausalLM
+from gemma_dist.model.layers import set_cpu_kernels
 from gemma_dist.sampling import Sampler, SampleResult, SamplingRow, sample_vocab_parallel
 
 if TYPE_CHECKING:
@@ -55,12 +56,13 @@ class ModelRunner:
 
     def __init__(self, model: GemmaForCausalLM, num_blocks: int, block_size: int,
                  sampler: Sampler | None = None, vocab_limit: int | None = None, attention: str = "auto",
-                 decode_graphs: bool | None = None, max_model_len: int | None = None):
+                 decode_graphs: bool | None = None, max_model_len: int | None = None, prepack: bool = True):
         """attention: "gather" (batched matmuls over gathered keys; CPU default), "kernel" (the
         fused Triton kernel reading the paged cache; CUDA default) or "auto". decode_graphs:
         replay CUDA graphs for decode-only steps (default: on CUDA with the kernel); on CPU it
         runs the same static-buffer path uncaptured (tests). max_model_len bounds the graphs'
-        block tables (default: the model's context)."""
+        block tables (default: the model's context). prepack: fp32 CPU weights get a oneDNN-packed
+        copy (faster GEMMs for the price of the weights' memory once more; layers.PackedFp32)."""
         self.model = model
         self.vocab_limit = vocab_limit  # ids at or above it are never sampled (no tokenizer piece)
         self.block_size = block_size
@@ -81,6 +83,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(c.num_layers, num_blocks + int(decode_graphs), block_size,
                                           model.num_kv_heads_per_rank, c.head_dim, dtype, self.device)
         self.sampler = sampler or Sampler()
+        self.kernel_layers = set_cpu_kernels(model, prepack=prepack)  # layers with a CPU kernel
         self._logits: torch.Tensor | None = None  # the LM head's reused output buffer (CPU; _logits_buffer)
         self.decode_graphs = None
         if decode_graphs:
@@ -167,8 +170,8 @@ class ModelRunner:
     def _logits_buffer(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
         """A reused (rows, V_local) buffer for the LM head on CPU (a fresh one faults in its pages
         every step); its rows are overwritten by the next step, after this one's sampling."""
-        if self.device.type != "cpu":
-            return None
+        if self.device.type != "cpu" or self.model.embed.cpu_kernel is not None:
+            return None  # a kernel's LM head allocates its own result
         width = self.model.embed.weight.shape[0]
         buffer = self._logits
         if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:

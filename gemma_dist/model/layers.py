@@ -199,9 +199,106 @@ def _invariant_lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (parts[0] if len(parts) == 1 else torch.cat(parts))[:rows]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T → (M, N), choosing the fastest form on CPU (fixed tiles in
-    batch-invariant mode)."""
+# CPU kernels. A layer may hold a `CpuKernel` built from its weight after loading (the runner
+# does it: pack_cpu_weights, quantize_cpu_weights); `linear` and `lm_head` use it where it applies.
+#
+# Prepacked fp32 (the exact mode's default): oneDNN with the weight reordered once into its blocked
+# layout (what inductor's CPU weight freezing does) measured 1.2-3x faster than the MKL forms above
+# on every Gemma 3 270M shape from M = 1 to 512 (LM head at M = 32: 58 against 154 ms; 2048x640 at
+# M = 4: 0.07 against 0.26 ms), with fp32 rounding errors of the same size. The packed copy sits
+# beside the plain weight (the embedding lookup, batch-invariant mode and other devices use that
+# one), so it costs the layer's weight memory once more.
+_PACK_ROWS_HINT = 32  # the M oneDNN tunes the layout for; any M runs
+
+
+class CpuKernel:
+    """x (M, K) @ W^T for one layer's weight W (N, K), by a faster CPU route than MKL's. It
+    remembers W's version: once W changes in place, it no longer applies (stale, never wrong)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # the layer's plain weight (its version tells a stale kernel)
+        self.version = weight._version
+
+    def current(self, weight: torch.Tensor) -> bool:
+        """Whether this kernel was built from `weight` as it is now."""
+        return self.weight is weight and weight._version == self.version
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether this kernel computes x (else the plain weight's path does)."""
+        return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] > 0 and not torch.is_grad_enabled()
+                and self.weight._version == self.version)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, K) → (M, N) in x's dtype."""
+        raise NotImplementedError
+
+
+class PackedFp32(CpuKernel):
+    """The exact fp32 product through oneDNN with W prepacked (fast mode only: batch-invariant
+    mode keeps its fixed MKL tiles)."""
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor):
+        super().__init__(weight)
+        self.packed = packed  # oneDNN's blocked layout of W
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "PackedFp32 | None":
+        """W (N, K), fp32 on CPU, prepacked; None where oneDNN's reorder is unavailable."""
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            return None
+        try:
+            return cls(weight, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT))
+        except (RuntimeError, AttributeError):  # a build without the op (e.g. some non-x86 wheels)
+            return None
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return not _batch_invariant and x.dtype == torch.float32 and super().applies(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+
+
+# int8 (not exact; not yet a user-facing mode: its teacher-forced top-1 agreement with fp32 on
+# Gemma 3 270M measured 70-80%, see bench/bench_quality.py; Gemma's activation outliers need more
+# than per-row scales). W quantized per output row to int8 (symmetric, scale = max|row| / 127);
+# each activation row scaled by its own max |x| into [-1, 1] and quantized to 7 bits (uint8 0..127,
+# zero point 64), so a row's quantization never depends on the rest of the batch, and u8 x s8 pair
+# sums stay inside int16 on AVX2 kernels without VNNI (8-bit activations can saturate there).
+# fbgemm accumulates in int32: exact, so the product is batch-invariant too. fbgemm was the fastest
+# int8 candidate on the real shapes (bench/bench_int8_kernels.py).
+_INT8_LEVELS = 127  # activation levels above the zero point's 0: 7 bits
+_INT8_ACT_SCALE = 2.0 / _INT8_LEVELS
+_INT8_ACT_ZERO = 64
+
+
+class Int8Fbgemm(CpuKernel):
+    """x @ W^T with int8 weights and per-row-quantized activations, int32 accumulation (fbgemm)."""
+
+    def __init__(self, weight: torch.Tensor, packed):
+        super().__init__(weight)
+        self.packed = packed  # fbgemm's LinearPackedParams of the quantized W
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Int8Fbgemm":
+        """Quantize W (N, K) per output row."""
+        w = weight.detach().float().cpu()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+        qweight = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        return cls(weight, torch.ops.quantized.linear_prepack(qweight, None))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        row_max = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (M, 1)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            (x32 / row_max).contiguous(), _INT8_ACT_SCALE, _INT8_ACT_ZERO, self.packed)
+        return (y * row_max).to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, kernel: CpuKernel | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T → (M, N), choosing the fastest form on CPU: the layer's `kernel`
+    where it applies, else MKL's (fixed tiles in batch-invariant mode)."""
+    if kernel is not None and kernel.applies(x):
+        return kernel(x)
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight)
     if _batch_invariant:
@@ -218,15 +315,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def lm_head(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def lm_head(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+            kernel: CpuKernel | None = None) -> torch.Tensor:
     """x (M, K) @ weight (V, K)^T → (M, V) for a huge V. On CPU: up to 4 rows go through
     `linear` (row-split matrix-vector / small GEMM), more run as one GEMM, written into `out`
     (M, V) when given: a reused buffer saves the page faults of a fresh (M, V) result, which
     measured as long as the product itself for K = 64 (17.5 against 40 ms at M = 64). (Vocabulary chunks of
     (W_chunk @ x^T), once ~2x faster on an AVX2 machine at M = 16..64, measured 1.1-2.3x slower
     than one GEMM on an AVX-512 one for K = 64 and 640, and they open one parallel region per
-    chunk, which collapses when other processes share the cores.) Batch-invariant mode: fixed tiles."""
+    chunk, which collapses when other processes share the cores.) Batch-invariant mode: fixed tiles.
+    The layer's `kernel`, where it applies, instead (`out` unused)."""
     rows = x.shape[0]
+    if kernel is not None and kernel.applies(x):
+        return kernel(x)
     if x.device.type == "cpu" and x.dim() == 2 and _batch_invariant and rows:
         return _invariant_lm_head(x, weight)
     if x.device.type != "cpu" or x.dim() != 2 or rows <= 4:
@@ -298,10 +399,11 @@ class ColumnParallelLinear(nn.Module):
         self.held = held
         out_local = sum(rows for _, _, rows, _ in segments)
         self.weight = nn.Parameter(torch.empty(held * out_local, in_features))
+        self.cpu_kernel: CpuKernel | None = None  # a faster CPU route for the weight (set_cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(T, in) → (T, held * this rank's out rows)."""
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.cpu_kernel)
 
     def split_segments(self, y: torch.Tensor) -> list[torch.Tensor]:
         """forward's (T, held * rows) → one (T, held * segment rows) tensor per fused segment,
@@ -334,10 +436,11 @@ class RowParallelLinear(nn.Module):
         self.in_full = in_features
         self.in_local = split_evenly(in_features, parallel.size, "row-parallel input features")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local * parallel.held))
+        self.cpu_kernel: CpuKernel | None = None  # a faster CPU route for the weight (set_cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(T, this rank's in cols) → (T, out), summed over ranks."""
-        return self.parallel.all_reduce(linear(x, self.weight))
+        return self.parallel.all_reduce(linear(x, self.weight, self.cpu_kernel))
 
     def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
         """Checkpoint name → this rank's column slice."""
@@ -364,6 +467,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_stop = min(vocab_size, self.vocab_start + self.vocab_local)
         # SPMD: every rank's rows stacked = the whole vocabulary, zero-padded to size * local.
         self.weight = nn.Parameter(torch.empty(self.vocab_local * parallel.held, dim))
+        self.cpu_kernel: CpuKernel | None = None  # a faster CPU route for the weight (set_cpu_kernels)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(T,) ids → (T, H) embeddings (each rank looks up the ids it owns; summed)."""
@@ -377,7 +481,7 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor, gather: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """(N, H) → (N, vocab) logits; with gather=False, this rank's slice (N, vocab_local).
         `out`: a (N, vocab_local) buffer the slice may be written into (reused across steps)."""
-        local = lm_head(hidden, self.weight, out)
+        local = lm_head(hidden, self.weight, out, self.cpu_kernel)
         if not gather:
             return local
         if self.parallel.spmd:
@@ -389,6 +493,30 @@ class VocabParallelEmbedding(nn.Module):
         ranks' tail when tp does not divide it) are zero padding."""
         return {name: ShardSpec(param_name, (self.vocab_size, self.weight.shape[1]), dim=0,
                                 start=self.vocab_start, stop=self.vocab_start + self.vocab_local)}
+
+
+QUANTIZATIONS = ("int8",)
+
+
+def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool = True) -> int:
+    """Give every parallel layer of a CPU model its CpuKernel, after loading: `quantize` "int8"
+    → Int8Fbgemm (measurement only, see above), else with `prepack` fp32 weights → PackedFp32,
+    else none. A kernel whose weight changed since stops applying; another call rebuilds it and
+    keeps current ones. Each tensor-parallel rank converts its own slice. Returns the layers given one."""
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            kind = Int8Fbgemm if quantize == "int8" else PackedFp32 if prepack else None
+            kernel = module.cpu_kernel
+            if kind is None or module.weight.device.type != "cpu":
+                kernel = None
+            elif not (type(kernel) is kind and kernel.current(module.weight)):  # else: built from this weight already
+                kernel = kind.of(module.weight)
+            module.cpu_kernel = kernel
+            count += kernel is not None
+    return count
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
