@@ -209,6 +209,16 @@ def _invariant_lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # beside the plain weight (the embedding lookup, batch-invariant mode and other devices use that
 # one), so it costs the layer's weight memory once more.
 _PACK_ROWS_HINT = 32  # the M oneDNN tunes the layout for; any M runs
+# The packed LM head allocates its (M, V) result: fresh pages every step (a 268 MB result at M = 256
+# measured ~20 ms of page faults and unmapping per step). Hidden sizes from 256 up make the product
+# dear enough to win anyway (K = 640, M = 128: 234 against 430 ms); below (the overhead bench's
+# hidden 64), the plain GEMM into the runner's reused buffer stays.
+_PACKED_LM_HEAD_MIN_K = 256
+
+
+def lm_head_packs(kernel: "CpuKernel | None", in_features: int) -> bool:
+    """Whether `lm_head` runs through `kernel` (which allocates its result: `out` goes unused)."""
+    return kernel is not None and in_features >= _PACKED_LM_HEAD_MIN_K
 
 
 class CpuKernel:
@@ -324,9 +334,9 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
     (W_chunk @ x^T), once ~2x faster on an AVX2 machine at M = 16..64, measured 1.1-2.3x slower
     than one GEMM on an AVX-512 one for K = 64 and 640, and they open one parallel region per
     chunk, which collapses when other processes share the cores.) Batch-invariant mode: fixed tiles.
-    The layer's `kernel`, where it applies, instead (`out` unused)."""
+    The layer's `kernel`, where it applies and lm_head_packs says so, instead (`out` unused)."""
     rows = x.shape[0]
-    if kernel is not None and kernel.applies(x):
+    if lm_head_packs(kernel, x.shape[-1]) and kernel.applies(x):
         return kernel(x)
     if x.device.type == "cpu" and x.dim() == 2 and _batch_invariant and rows:
         return _invariant_lm_head(x, weight)

@@ -85,3 +85,12 @@ def test_int8_rows_do_not_depend_on_their_batch_and_stay_close_on_smooth_data():
 def test_unknown_quantization_is_refused():
     with pytest.raises(ValueError, match="quantize"):
         set_cpu_kernels(torch.nn.Linear(2, 2), quantize="int4")
+
+
+def test_the_lm_head_keeps_its_reused_buffer_for_small_hidden_sizes():
+    torch.manual_seed(2)
+    w, x = torch.randn(1000, 64), torch.randn(40, 64)  # hidden 64: the product is cheaper than fresh pages
+    kernel, out = PackedFp32.of(w), torch.empty(40, 1000)
+    with torch.inference_mode():
+        got = lm_head(x, w, out, kernel)
+    assert got.data_ptr() == out.data_ptr() and relative_error(got, x, w) < 2e-5
