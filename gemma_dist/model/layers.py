@@ -200,7 +200,7 @@ def _invariant_lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # CPU kernels. A layer may hold a `CpuKernel` built from its weight after loading (the runner
-# does it: pack_cpu_weights, quantize_cpu_weights); `linear` and `lm_head` use it where it applies.
+# does it: set_cpu_kernels); `linear` and `lm_head` use it where it applies.
 #
 # Prepacked fp32 (the exact mode's default): oneDNN with the weight reordered once into its blocked
 # layout (what inductor's CPU weight freezing does) measured 1.2-3x faster than the MKL forms above
