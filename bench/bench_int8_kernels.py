@@ -70,15 +70,12 @@ def candidates(w: torch.Tensor) -> dict:
 
     out["_int_mm, per-row act scale"] = int_mm
     try:
-        import copy
-
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
         for name, config in (("torchao int8 weight-only", Int8WeightOnlyConfig()),
                              ("torchao int8 dyn-act int8", Int8DynamicActivationInt8WeightConfig())):
             module = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             module.weight.data.copy_(w)
-            module = copy.deepcopy(module)
             quantize_(module, config)
             out[name] = module
     except Exception as e:  # noqa: BLE001 - torchao absent or refusing this torch: not a dependency

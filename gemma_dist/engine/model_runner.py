@@ -15,7 +15,7 @@ import torch
 
 from gemma_dist.model.attention import allocate_kv_cache, build_attention_metadata, positions_of
 from gemma_dist.model.gemma import GemmaForCausalLM
-from gemma_dist.model.layers import lm_head_packs, set_cpu_kernels
+from gemma_dist.model.layers import set_cpu_kernels
 from gemma_dist.sampling import Sampler, SampleResult, SamplingRow, sample_vocab_parallel
 
 if TYPE_CHECKING:
@@ -170,10 +170,9 @@ class ModelRunner:
     def _logits_buffer(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
         """A reused (rows, V_local) buffer for the LM head on CPU (a fresh one faults in its pages
         every step); its rows are overwritten by the next step, after this one's sampling."""
-        embed = self.model.embed
-        if self.device.type != "cpu" or lm_head_packs(embed.cpu_kernel, embed.weight.shape[1]):
-            return None  # the packed LM head allocates its own result
-        width = embed.weight.shape[0]
+        if self.device.type != "cpu" or self.model.embed.cpu_kernel is not None:
+            return None  # a kernel's LM head allocates its own result
+        width = self.model.embed.weight.shape[0]
         buffer = self._logits
         if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:
             buffer = self._logits = torch.empty(max(rows, 64), width, dtype=dtype)

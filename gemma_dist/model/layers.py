@@ -209,16 +209,11 @@ def _invariant_lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # beside the plain weight (the embedding lookup, batch-invariant mode and other devices use that
 # one), so it costs the layer's weight memory once more.
 _PACK_ROWS_HINT = 32  # the M oneDNN tunes the layout for; any M runs
-# The packed LM head allocates its (M, V) result: fresh pages every step (a 268 MB result at M = 256
+# A kernel's LM head allocates its (M, V) result: fresh pages every step (a 268 MB result at M = 256
 # measured ~20 ms of page faults and unmapping per step). Hidden sizes from 256 up make the product
 # dear enough to win anyway (K = 640, M = 128: 234 against 430 ms); below (the overhead bench's
-# hidden 64), the plain GEMM into the runner's reused buffer stays.
-_PACKED_LM_HEAD_MIN_K = 256
-
-
-def lm_head_packs(kernel: "CpuKernel | None", in_features: int) -> bool:
-    """Whether `lm_head` runs through `kernel` (which allocates its result: `out` goes unused)."""
-    return kernel is not None and in_features >= _PACKED_LM_HEAD_MIN_K
+# hidden 64), the LM head gets no kernel and keeps the plain GEMM into the runner's reused buffer.
+_LM_HEAD_KERNEL_MIN_HIDDEN = 256
 
 
 class CpuKernel:
@@ -334,9 +329,9 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
     (W_chunk @ x^T), once ~2x faster on an AVX2 machine at M = 16..64, measured 1.1-2.3x slower
     than one GEMM on an AVX-512 one for K = 64 and 640, and they open one parallel region per
     chunk, which collapses when other processes share the cores.) Batch-invariant mode: fixed tiles.
-    The layer's `kernel`, where it applies and lm_head_packs says so, instead (`out` unused)."""
+    The layer's `kernel`, where it applies, instead (`out` unused)."""
     rows = x.shape[0]
-    if lm_head_packs(kernel, x.shape[-1]) and kernel.applies(x):
+    if kernel is not None and kernel.applies(x):
         return kernel(x)
     if x.device.type == "cpu" and x.dim() == 2 and _batch_invariant and rows:
         return _invariant_lm_head(x, weight)
@@ -511,16 +506,19 @@ QUANTIZATIONS = ("int8",)
 def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool = True) -> int:
     """Give every parallel layer of a CPU model its CpuKernel, after loading: `quantize` "int8"
     → Int8Fbgemm (measurement only, see above), else with `prepack` fp32 weights → PackedFp32,
-    else none. A kernel whose weight changed since stops applying; another call rebuilds it and
-    keeps current ones. Each tensor-parallel rank converts its own slice. Returns the layers given one."""
+    else none; an LM head narrower than _LM_HEAD_KERNEL_MIN_HIDDEN gets none. A kernel whose weight
+    changed since stops applying; another call rebuilds it and keeps current ones. Each
+    tensor-parallel rank converts its own slice. Returns the layers given one."""
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
+    kind = Int8Fbgemm if quantize == "int8" else PackedFp32 if prepack else None
     count = 0
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-            kind = Int8Fbgemm if quantize == "int8" else PackedFp32 if prepack else None
             kernel = module.cpu_kernel
-            if kind is None or module.weight.device.type != "cpu":
+            narrow_lm_head = (isinstance(module, VocabParallelEmbedding)
+                              and module.weight.shape[1] < _LM_HEAD_KERNEL_MIN_HIDDEN)
+            if kind is None or module.weight.device.type != "cpu" or narrow_lm_head:
                 kernel = None
             elif not (type(kernel) is kind and kernel.current(module.weight)):  # else: built from this weight already
                 kernel = kind.of(module.weight)

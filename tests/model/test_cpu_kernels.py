@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.model import layers
-from gemma_dist.model.layers import Int8Fbgemm, PackedFp32, linear, lm_head, set_cpu_kernels
+from gemma_dist.model.layers import (Int8Fbgemm, PackedFp32, ParallelContext, VocabParallelEmbedding, linear,
+                                     lm_head, set_cpu_kernels)
 
 pytestmark = pytest.mark.skipif(PackedFp32.of(torch.zeros(8, 8)) is None, reason="no oneDNN reorder in this build")
 
@@ -89,8 +90,11 @@ def test_unknown_quantization_is_refused():
 
 def test_the_lm_head_keeps_its_reused_buffer_for_small_hidden_sizes():
     torch.manual_seed(2)
-    w, x = torch.randn(1000, 64), torch.randn(40, 64)  # hidden 64: the product is cheaper than fresh pages
-    kernel, out = PackedFp32.of(w), torch.empty(40, 1000)
+    embed = VocabParallelEmbedding(1000, 64, ParallelContext())  # hidden 64: the product is cheaper than fresh pages
+    with torch.no_grad():
+        embed.weight.copy_(torch.randn(1000, 64))
+    assert set_cpu_kernels(embed) == 0 and embed.cpu_kernel is None
+    w, x, out = embed.weight.detach(), torch.randn(40, 64), torch.empty(40, 1000)
     with torch.inference_mode():
-        got = lm_head(x, w, out, kernel)
+        got = embed.logits(x, gather=False, out=out)
     assert got.data_ptr() == out.data_ptr() and relative_error(got, x, w) < 2e-5
