@@ -32,10 +32,12 @@ def test_metrics_match_the_requests_sent(default_llm):
                 with pytest.raises(grpc.RpcError):
                     client.generate(**bad)
         # Gauges refresh every second (later on a loaded machine): wait for one after the last request.
+        # A call is counted when its handler ends, just after its status reached the client: wait for that too.
         def refreshed():
             m = scrape(port)
             ready = m.get(("gemma_kv_blocks_total", (("replica", "r0"),))) == rep.stats().total_blocks
-            return m if ready and m.get(("gemma_requests_running", (("replica", "r0"),))) == 0 else None
+            counted = sum(v for (name, _), v in m.items() if name == "gemma_requests_total") == 5
+            return m if ready and counted and m.get(("gemma_requests_running", (("replica", "r0"),))) == 0 else None
 
         m = wait_until(refreshed) or scrape(port)
     assert m[("gemma_requests_total", (("code", "OK"), ("method", "Generate")))] == 2
