@@ -102,7 +102,7 @@ def workload_flops(config, requests: int, prompt_len: int, output_len: int) -> t
 
 def time_to_first_token_together(llm: LLM, work: list[list[int]]) -> list[float]:
     """Seconds to each request's first token when all of `work` arrives at once."""
-    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=1 << 30))
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=1 << 30, prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     start, first = time.perf_counter(), {}
     for i, prompt in enumerate(work):
@@ -118,7 +118,7 @@ def time_to_first_token_together(llm: LLM, work: list[list[int]]) -> list[float]
 
 def time_to_first_token_under_load(llm: LLM, work: list[list[int]], output_len: int) -> float:
     """Seconds from adding a request to its first token while len(work) others are decoding."""
-    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=1 << 30))
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=1 << 30, prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     for i, prompt in enumerate(work):
         engine.add_request(f"bg{i}", prompt, params)
@@ -132,6 +132,50 @@ def time_to_first_token_under_load(llm: LLM, work: list[list[int]], output_len: 
             return time.perf_counter() - start
 
 
+# Op classes of the profile table, by the first pattern an op's name contains (else "other ops").
+OP_CLASSES = (
+    ("GEMM (layers, LM head)", ("linear", "aten::mm", "aten::addmm", "aten::matmul", "quantized::")),
+    ("attention (QK/PV products, softmax, masks)", ("aten::bmm", "softmax", "masked_fill", "aten::baddbmm")),
+    ("K/V gathers and cache writes", ("index_select", "index_copy", "aten::index", "aten::gather", "index_put")),
+    ("sampling (argmax, top-k/p, log-softmax)", ("argmax", "amax", "topk", "sort", "multinomial", "log_softmax",
+                                                 "aten::max")),
+    ("norms, RoPE, activations, residuals", ("aten::mul", "aten::add", "aten::pow", "aten::mean", "rsqrt", "gelu",
+                                            "tanh", "aten::cos", "aten::sin", "aten::neg", "aten::div", "aten::sum")),
+    ("copies, casts, views, allocation", ("copy_", "_to_copy", "aten::to", "aten::cat", "empty", "fill_", "zero_",
+                                         "as_strided", "aten::view", "aten::slice", "aten::select", "reshape",
+                                         "contiguous", "aten::pad", "transpose", "aten::t", "aten::narrow",
+                                         "aten::split", "expand", "unsqueeze", "aten::clone", "aten::stack")),
+)
+
+
+def profile_by_op_class(llm: LLM, work: list[list[int]], output_len: int) -> tuple[float, list[tuple[str, float]]]:
+    """(wall seconds, [(op class, self CPU seconds)]) of LLM.generate over `work` under torch.profiler.
+    The remainder of the wall time, outside every torch op, is host Python (engine, runner)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        llm.generate(work, params)
+        wall = time.perf_counter() - start
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key
+        kind = next((label for label, patterns in OP_CLASSES if any(p in name for p in patterns)), "other ops")
+        totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    rows = sorted(totals.items(), key=lambda kv: -kv[1])
+    rows.append(("outside torch ops (host Python)", max(0.0, wall - sum(totals.values()))))
+    return wall, rows
+
+
+def print_profile(title: str, wall: float, rows: list[tuple[str, float]], tokens: int) -> None:
+    print(f"\n{title}: {wall:.2f} s under the profiler, {tokens / wall:.1f} output tok/s\n")
+    print("| op class | seconds | share of wall | ms per output token |")
+    print("|---|---|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.2f} | {seconds / wall:.1%} | {seconds / tokens * 1e3:.2f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -140,13 +184,22 @@ def main() -> int:
     parser.add_argument("--sweep", default="1,8,32,64", help="concurrency levels for the tok/s sweep")
     parser.add_argument("--sweep-output-len", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile (torch.profiler, per op class) the workload and a single stream")
     args = parser.parse_args()
 
-    llm = LLM(model="default", dtype="float32")
+    # The same prompts run several times (packed, unpacked, ...): no run may find them cached.
+    llm = LLM(model="default", dtype="float32", prefix_caching=False)
     vocab = llm.config.vocab_size
     work = prompts(args.requests, args.prompt_len, vocab)
     engine_warm = engine_throughput(llm, work[:2], 4)  # warm-up (allocations, kernels)
     del engine_warm
+    if args.profile:
+        for title, batch in ((f"{args.requests} x ({args.prompt_len} + {args.output_len})", work),
+                             (f"1 x ({args.prompt_len} + {args.output_len}), single stream", work[:1])):
+            wall, rows = profile_by_op_class(llm, batch, args.output_len)
+            print_profile(title, wall, rows, len(batch) * args.output_len)
+        return 0
     peak = gemm_peak()
     total_flops, prefill_flops = workload_flops(llm.config, args.requests, args.prompt_len, args.output_len)
     limit = args.requests * args.output_len / (total_flops / peak)

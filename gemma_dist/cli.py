@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "calls on CPU")
     serve.add_argument("--threads-per-worker", type=int, default=0,
                        help="torch threads per shard worker (0 = this host's cores / (tp x replicas))")
+    serve.add_argument("--routing", default="prefix", choices=["prefix", "least-loaded"],
+                       help="how the gateway picks a replica: prefix = the one most likely to cache the prompt's "
+                            "prefix unless it is much busier than the least-loaded; least-loaded = fewest "
+                            "requests in flight (always, with --no-prefix-caching)")
+    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="compute every prompt in full (by default, prompts that start like an earlier one "
+                            "reuse its cached K/V blocks)")
     serve.add_argument("--batch-invariant", action="store_true",
                        help="make outputs bitwise independent of batching (slower for lone requests)")
     serve.add_argument("--dry-run", action="store_true",

@@ -52,6 +52,7 @@ class EngineConfig:
     seed: int | None = None  # seed of the shared generator used by unseeded requests
     max_model_len: int | None = None  # longest prompt + output per request (None: the model's context)
     prepack_weights: bool = True  # fp32 CPU weights also kept prepacked for oneDNN (faster; ~2x weight memory)
+    prefix_caching: bool = True  # reuse the K/V of full blocks of prompts seen before (block_manager)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -146,6 +147,14 @@ class EngineStats:
     preemptions: int
     times: dict[str, float] = dataclasses.field(default_factory=dict)  # cumulative seconds per step phase
     steps: int = 0  # steps run so far
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0  # of those, tokens whose K/V were found cached, not computed (cumulative)
+    cached_blocks: int = 0  # blocks registered in the prefix cache now (owned or reusable)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of looked-up prompt tokens found cached so far (0 before any lookup)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     @property
     def max_concurrent_tokens(self) -> int:
@@ -254,7 +263,7 @@ class LLMEngine:
         self.model_config = model_config
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, caching=config.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         self.runner = runner
         self._requests: dict[str, _Request] = {}
@@ -362,7 +371,8 @@ class LLMEngine:
         """Current counters."""
         return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.num_free,
                            self.blocks.num_blocks, self.blocks.block_size, self.scheduler.num_preemptions,
-                           self.times.as_dict(), self.times.steps)
+                           self.times.as_dict(), self.times.steps, self.scheduler.prefix_queried_tokens,
+                           self.scheduler.prefix_hit_tokens, self.blocks.num_cached)
 
     # ------------------------------------------------------------------ the step
 

@@ -9,6 +9,11 @@ Plain Python (no torch). Every step:
    limit and free blocks allow; a long prompt takes only a chunk per step, so the decoding
    streams never stall behind it.
 Finished and aborted sequences release their blocks at once.
+
+With prefix caching (the block manager's `caching`), a sequence being admitted first takes the
+longest run of its prompt's leading full blocks that the cache holds (at least its last token is
+always computed, so a token is sampled from fresh logits), and every block a step fills is offered
+to the cache.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from gemma_dist.engine.block_manager import BlockManager
+from gemma_dist.engine.block_manager import BlockManager, chain_keys
 from gemma_dist.engine.sequence import FinishReason, Sequence
 
 
@@ -111,6 +116,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running = RunningSet()  # in admission order: the newest is preempted first
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0  # prompt tokens looked up in the prefix cache at admission
+        self.prefix_hit_tokens = 0  # of those, tokens found cached (not computed)
 
     # ------------------------------------------------------------------ queue
 
@@ -199,18 +206,57 @@ class Scheduler:
             budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            chunk = min(seq.num_tokens - seq.num_cached, budget)
+            hits = self._cached_prefix(seq)  # blocks it may share instead of computing (their K/V are there)
+            start = max(seq.num_cached, len(hits) * self.blocks.block_size)
+            chunk = min(seq.num_tokens - start, budget)
+            # Blocks taken from the free pool: new ones, plus cached ones nobody owns right now.
+            needed = (self.blocks.blocks_for(start + chunk) - len(hits) - len(seq.block_table)
+                      + self.blocks.unowned(hits))
             # Keep one free block per running sequence so admissions don't force preemptions.
             reserve = len(self.running)
-            if self.blocks.extra_blocks(seq.block_table, seq.num_cached + chunk) + reserve > self.blocks.num_free:
-                if self.running or not self.blocks.can_grow(seq.block_table, seq.num_cached + chunk):
+            if needed + reserve > self.blocks.num_free:
+                if self.running or needed > self.blocks.num_free:
                     break
             self.waiting.popleft()
+            if self.blocks.caching and not seq.num_cached:
+                self._take_cached(seq, hits)
             self.blocks.grow(seq.block_table, seq.num_cached + chunk)
             self.running.append(seq)
             scheduled.append(ScheduledSequence.plan(seq, chunk))
             budget -= chunk
         return SchedulerOutput(scheduled, preempted)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding seq's leading full blocks, for a sequence with nothing cached yet;
+        never its last known token's block, which must be computed to sample from its logits."""
+        if not self.blocks.caching or seq.num_cached or seq.block_table:
+            return []
+        usable = seq.num_known_tokens - 1
+        keys = seq.block_keys
+        if len(keys) < usable // self.blocks.block_size:
+            chain_keys(seq.all_token_ids, self.blocks.block_size, keys, usable)
+        return self.blocks.cached_prefix(keys[:usable // self.blocks.block_size])
+
+    def _take_cached(self, seq: Sequence, hits: list[int]) -> None:
+        """Make seq (admitted with nothing computed) share `hits` as its first blocks, their tokens
+        counted as computed."""
+        seq.block_table.extend(self.blocks.share(hits))
+        seq.registered_blocks = len(hits)
+        seq.num_cached = len(hits) * self.blocks.block_size
+        self.prefix_queried_tokens += seq.num_known_tokens - 1
+        self.prefix_hit_tokens += seq.num_cached
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Offer the prefix cache every block of seq that is now full of computed, known tokens."""
+        full = min(seq.num_cached, seq.num_known_tokens) // self.blocks.block_size
+        if seq.registered_blocks >= full:
+            return
+        keys = seq.block_keys
+        if len(keys) < full:
+            chain_keys(seq.all_token_ids, self.blocks.block_size, keys, full * self.blocks.block_size)
+        for index in range(seq.registered_blocks, full):
+            self.blocks.register(keys[index], seq.block_table[index])
+        seq.registered_blocks = full
 
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Grow seq's table to num_tokens positions, preempting the newest others if needed.
@@ -230,11 +276,14 @@ class Scheduler:
         """Free seq's blocks and queue it first in line; it resumes by recomputing its tokens."""
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.num_cached = 0
+        seq.num_cached = seq.registered_blocks = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def on_step_done(self, out: SchedulerOutput) -> None:
         """Record that the planned tokens' K/V are now cached."""
+        caching = self.blocks.caching
         for item in out.scheduled:
             item.seq.num_cached += item.num_tokens
+            if caching:
+                self._register_full_blocks(item.seq)

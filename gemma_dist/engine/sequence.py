@@ -40,6 +40,8 @@ class Sequence:
     # Tokens that steps in flight are sampling: the runners append them themselves, and the next
     # step is planned on top of them before they are known here (async scheduling).
     pending_tokens: int = 0
+    block_keys: list[int] = dataclasses.field(default_factory=list)  # prefix-cache keys of its first full blocks
+    registered_blocks: int = 0  # leading block_table entries already offered to the prefix cache
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""The gRPC gateway: validates requests, routes each to the least-loaded ready replica, and
+"""The gRPC gateway: validates requests, routes each to a ready replica (the one most likely to
+cache its prompt's prefix, or the least-loaded: server.routing), and
 streams its deltas back. Serves gemma_dist.v1.GemmaService, grpc.health.v1.Health and server
 reflection on a grpc.aio server."""
 
@@ -22,6 +23,7 @@ from gemma_dist.engine.sequence import FinishReason
 from gemma_dist.runtime import ReplicaFailure
 from gemma_dist.sampling import SamplingParams
 from gemma_dist.server.metrics import GatewayMetrics
+from gemma_dist.server.routing import Router
 from gemma_dist.server.validation import CheckedRequest, ServedModel, ValidationError, check_generate, check_length
 from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
 
@@ -50,8 +52,9 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
 
     def __init__(self, replicas: Sequence[Replica], served: ServedModel, tokenizer, variant: str, tp: int = 1,
                  max_queued_requests: int | None = None, queue_timeout: float | None = None,
-                 metrics: GatewayMetrics | None = None):
+                 metrics: GatewayMetrics | None = None, routing: str = "prefix"):
         self.replicas = list(replicas)
+        self.router = Router(routing)  # "prefix" (cache-aware) or "least-loaded"
         self.metrics = metrics or GatewayMetrics()
         self.max_queued_requests = max_queued_requests  # admitted but no first token yet; None = unbounded
         self.queue_timeout = queue_timeout  # seconds a request may wait for its first token
@@ -158,11 +161,13 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         remaining = context.time_remaining()
         deadline = time.time() + remaining if remaining is not None else None  # travels to the engine
         tried: set[str] = set()
+        keys = self.router.keys(checked.prompt_token_ids)
         while True:  # a request that has streamed nothing yet is retried once on another replica
-            replica = self._pick(exclude=tried)
+            replica = self._pick(exclude=tried, keys=keys)
             if replica is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
             tried.add(replica.name)
+            self.router.record(replica.name, keys)
             log.info("request %s → replica %s", checked.request_id, replica.name)
             streamed = False
             try:
@@ -198,6 +203,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
     def _on_replica_failure(self, replica, failure: Exception) -> None:
         """Take a failed replica out of rotation and rebuild it in the background."""
         log.error("replica %s failed: %s", replica.name, failure)
+        self.router.forget(replica.name)  # a rebuilt replica starts with an empty cache
         mark_failed = getattr(replica, "mark_failed", None)
         if mark_failed is None or not mark_failed():
             return  # not rebuildable, or someone else already handles it
@@ -208,10 +214,9 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         self._rebuilds.add(task)
         task.add_done_callback(self._rebuilds.discard)
 
-    def _pick(self, exclude: set[str] = frozenset()) -> Replica | None:
-        """The least-loaded ready replica (ties: the first)."""
-        ready = [r for r in self.replicas if r.is_ready() and r.name not in exclude]
-        return min(ready, key=lambda r: r.load()) if ready else None
+    def _pick(self, exclude: set[str] = frozenset(), keys: Sequence[int] = ()) -> Replica | None:
+        """The ready replica the router picks for a prompt with prefix `keys` (None if none is ready)."""
+        return self.router.pick([r for r in self.replicas if r.is_ready() and r.name not in exclude], keys)
 
 
 def _deadline_passed(budget: float | None, remaining: float | None) -> bool:
@@ -267,6 +272,7 @@ class AdminServicer(gemma_pb2_grpc.AdminServiceServicer):
                 while victim.load() > 0:
                     await asyncio.sleep(0.05)
                 replicas.remove(victim)
+                self.servicer.router.forget(victim.name)
                 await loop.run_in_executor(None, victim.shutdown)
             return gemma_pb2.ScaleResponse(replicas=len(replicas))
 

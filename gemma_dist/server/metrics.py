@@ -31,6 +31,14 @@ class GatewayMetrics:
         self.running = Gauge("gemma_requests_running", "Requests running in a replica", ["replica"], registry=r)
         self.kv_blocks_used = Gauge("gemma_kv_blocks_used", "KV-cache blocks in use", ["replica"], registry=r)
         self.kv_blocks_total = Gauge("gemma_kv_blocks_total", "KV-cache blocks", ["replica"], registry=r)
+        self.kv_blocks_cached = Gauge("gemma_kv_blocks_cached", "KV-cache blocks held by the prefix cache "
+                                      "(in use or reusable)", ["replica"], registry=r)
+        self.prefix_cache_queries = Gauge("gemma_prefix_cache_queries_tokens", "Prompt tokens looked up in a "
+                                          "replica's prefix cache (cumulative)", ["replica"], registry=r)
+        self.prefix_cache_hits = Gauge("gemma_prefix_cache_hits_tokens", "Prompt tokens found in a replica's "
+                                       "prefix cache, not computed (cumulative)", ["replica"], registry=r)
+        self.prefix_cache_hit_rate = Gauge("gemma_prefix_cache_hit_rate", "Share of looked-up prompt tokens "
+                                           "found cached, since the replica started", ["replica"], registry=r)
         self.replicas_ready = Gauge("gemma_replicas_ready", "Replicas ready to serve", registry=r)
         self.engine_steps = Gauge("gemma_engine_steps", "Engine steps run by a replica (cumulative)", ["replica"],
                                   registry=r)
@@ -51,5 +59,9 @@ class GatewayMetrics:
         self.kv_blocks_used.labels(name).set(stats.total_blocks - stats.free_blocks)
         self.kv_blocks_total.labels(name).set(stats.total_blocks)
         self.engine_steps.labels(name).set(stats.steps)
+        self.kv_blocks_cached.labels(name).set(stats.cached_blocks)
+        self.prefix_cache_queries.labels(name).set(stats.prefix_cache_queries)
+        self.prefix_cache_hits.labels(name).set(stats.prefix_cache_hits)
+        self.prefix_cache_hit_rate.labels(name).set(stats.prefix_cache_hit_rate)
         for phase, seconds in stats.times.items():
             self.engine_step_seconds.labels(name, phase).set(seconds)

@@ -61,7 +61,8 @@ async def _serve(args: argparse.Namespace) -> int:
     max_model_len = min(args.max_model_len or (DEFAULT_MAX_MODEL_LEN if device == "xla" else
                                                config.max_position_embeddings), config.max_position_embeddings)
     engine_config = EngineConfig(kv_cache_memory=args.kv_cache_memory, max_model_len=max_model_len,
-                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                 prefix_caching=args.prefix_caching)
     # Each shard worker uses its share of this host's cores (Ray would pin it to one thread).
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // (args.tp * args.replicas))
     log.info("device %s, dtype %s, max_model_len %d", device, dtype, max_model_len)
@@ -77,7 +78,8 @@ async def _serve(args: argparse.Namespace) -> int:
     served = ServedModel(args.model if args.model == "default" else config.name, config.vocab_size,
                          max_model_len, args.max_tokens_limit)
     servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp,
-                             max_queued_requests=args.max_queued_requests, queue_timeout=args.queue_timeout)
+                             max_queued_requests=args.max_queued_requests, queue_timeout=args.queue_timeout,
+                             routing=args.routing if args.prefix_caching else "least-loaded")
 
     from gemma_dist.engine.llm_engine import tune_gc_for_serving
 

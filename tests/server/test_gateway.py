@@ -130,7 +130,9 @@ def test_requests_spread_over_both_replicas(served, client):
     for replica, generate in zip(replicas, original):
         replica.generate = spy(replica, generate)
     try:
-        streams = [client.generate_stream(GOLDEN["digits"]["prompt"], temperature=0, max_tokens=8) for _ in range(4)]
+        # Different first words: no shared prefix for cache-aware routing to follow, so load decides.
+        streams = [client.generate_stream(f"{word}: " + GOLDEN["digits"]["prompt"], temperature=0, max_tokens=8)
+                   for word in ("One", "Two", "Three", "Four")]
         for stream in streams:
             assert sum(len(c.token_ids) for c in stream) == 8
     finally:
@@ -163,3 +165,38 @@ def test_invalid_utf8_from_a_raw_client_is_rejected_and_the_server_keeps_serving
             call(raw, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in info.value.details()
     assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
+
+
+def test_a_shared_prefix_goes_where_it_is_cached_unless_that_replica_is_much_busier(served, client):
+    """Prefix routing (the default): a prompt that starts like an earlier one follows it to its
+    replica, which finds the prefix's K/V cached, although the other replica is idler."""
+    server, replicas = served
+    seen: list[str] = []
+    original = [r.generate for r in replicas]
+
+    def spy(replica, generate):
+        def wrapped(*args, **kwargs):
+            seen.append(replica.name)
+            return generate(*args, **kwargs)
+        return wrapped
+
+    shared = "Routing test. " + " ".join(f"item{i}" for i in range(60))  # many full blocks
+    for replica, generate in zip(replicas, original):
+        replica.generate = spy(replica, generate)
+    try:
+        client.generate(shared + " first", temperature=0, max_tokens=1)
+        home = next(r for r in replicas if r.name == seen[-1])
+        busy = client.generate_stream("An unrelated story about a lighthouse keeper", temperature=0, max_tokens=400,
+                                      ignore_eos=True)
+        next(busy)  # in flight now, on the idler replica at the time: `home` (both idle, ties go first)
+        assert seen[-1] == home.name and home.load() == 1
+        hits_before = home.stats().prefix_cache_hits
+        out = client.generate(shared + " second", temperature=0, max_tokens=1)  # least-loaded would go elsewhere
+        assert seen[-1] == home.name and out.usage.completion_tokens == 1
+        assert home.stats().prefix_cache_hits - hits_before >= 3 * 16
+        client.generate("Something else entirely, with nothing in common", temperature=0, max_tokens=1)
+        assert seen[-1] != home.name  # no match anywhere: the least-loaded replica
+        busy.cancel()
+    finally:
+        for replica, generate in zip(replicas, original):
+            replica.generate = generate

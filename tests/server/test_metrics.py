@@ -52,3 +52,27 @@ def test_metrics_match_the_requests_sent(default_llm):
     assert m[("gemma_requests_waiting", (("replica", "r0"),))] == 0
     assert m[("gemma_kv_blocks_used", (("replica", "r0"),))] == 0
     assert m[("gemma_kv_blocks_total", (("replica", "r0"),))] == rep.stats().total_blocks
+
+
+def test_prefix_cache_gauges_count_a_repeated_prompt(default_llm):
+    engine = LLMEngine(default_llm.model, default_llm.tokenizer, EngineConfig(kv_cache_memory=64 << 20))
+    rep = LocalReplica("r0", engine)
+    prompt = "Four score and seven years ago our fathers brought forth on this continent a new nation. " * 4
+    with running_gateway([rep], default_llm) as server:
+        port = server.servicer.metrics.serve("127.0.0.1", 0)
+        with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+            first = client.generate(prompt, temperature=0, max_tokens=2)
+            second = client.generate(prompt, temperature=0, max_tokens=2)
+        assert first.token_ids == second.token_ids
+        n = first.usage.prompt_tokens
+        label = (("replica", "r0"),)
+
+        def refreshed():
+            m = scrape(port)
+            return m if m.get(("gemma_prefix_cache_queries_tokens", label)) == 2 * (n - 1) else None
+
+        m = wait_until(refreshed) or scrape(port)
+    assert m[("gemma_prefix_cache_queries_tokens", label)] == 2 * (n - 1)
+    assert m[("gemma_prefix_cache_hits_tokens", label)] == (n - 1) // 16 * 16  # every full block before the last token
+    assert m[("gemma_prefix_cache_hit_rate", label)] == pytest.approx((n - 1) // 16 * 16 / (2 * (n - 1)))
+    assert m[("gemma_kv_blocks_cached", label)] >= (n - 1) // 16

@@ -73,8 +73,8 @@ class SimEngine:
     """Scheduler + BlockManager + a fake model over a fake paged KV cache."""
 
     def __init__(self, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                 max_num_batched_tokens: int = 64):
-        self.blocks = BlockManager(num_blocks, block_size)
+                 max_num_batched_tokens: int = 64, caching: bool = False):
+        self.blocks = BlockManager(num_blocks, block_size, caching=caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.blocks)
         self.cache: dict[int, list[int | None]] = {}  # block id -> the token id in each slot
         self.finished: list[Sequence] = []
