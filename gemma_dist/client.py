@@ -10,7 +10,7 @@ import gemma_dist.server  # noqa: F401  (generates the stubs in a fresh checkout
 from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "stop_token_ids", "seed",
-                    "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos")
+                    "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos", "n")
 
 
 class Client:
@@ -40,6 +40,11 @@ class Client:
         """Token ids of `text` under the served model's tokenizer."""
         return list(self.stub.Tokenize(gemma_pb2.TokenizeRequest(text=text, add_bos=add_bos),
                                        timeout=self.timeout, metadata=self.metadata).token_ids)
+
+    def abort(self, request_ids: Sequence[str]) -> list[str]:
+        """Stop requests in flight by id; returns the ids that were in flight."""
+        return list(self.stub.Abort(gemma_pb2.AbortRequest(request_ids=list(request_ids)),
+                                    timeout=self.timeout, metadata=self.metadata).aborted)
 
     def model_info(self) -> gemma_pb2.ModelInfo:
         """What the server serves."""

@@ -6,6 +6,7 @@ reflection on a grpc.aio server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -31,8 +32,19 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = gemma_pb2.DESCRIPTOR.services_by_name["GemmaService"].full_name
 MAX_MESSAGE_BYTES = 16 << 20  # bounds every request and response
 DEADLINE_SLACK = 0.25  # seconds: see _deadline_passed
+MAX_ABORT_IDS = 1000  # request ids per Abort call
 _FINISH = {FinishReason.STOP: gemma_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: gemma_pb2.FINISH_REASON_LENGTH,
            FinishReason.ABORTED: gemma_pb2.FINISH_REASON_ABORTED}
+
+
+class ServeError(Exception):
+    """A request that cannot be served: the gRPC status code and a message naming the field or the
+    limit (the HTTP front maps the code to its status)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class Replica(Protocol):
@@ -65,30 +77,58 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         self.variant = variant
         self.tp = tp
         self._ids = itertools.count()
+        self._in_flight: dict[str, Replica] = {}  # request id → the replica streaming it (for Abort)
+        self._sample_ids: dict[str, list[str]] = {}  # request id with n > 1 → its samples' ids
 
     # ------------------------------------------------------------------ RPCs
 
     async def Generate(self, request, context):
-        """The whole completion."""
-        out = gemma_pb2.GenerateResponse()
-        async for delta, checked in self._measured(self._deltas(request, context), "Generate", context):
+        """The whole completion (with n > 1: sample 0 at the top level, all in `samples`)."""
+        out, samples, completion_tokens = gemma_pb2.GenerateResponse(), {}, {}
+        async for delta, checked, index in self._measured(self._deltas(request, context), "Generate", context):
             out.request_id = checked.request_id
-            _merge(out, delta)
+            if checked.n == 1:
+                _merge(out, delta)
+                continue
+            if index == 0:
+                _merge(out, delta)
+            _merge_sample(samples.setdefault(index, gemma_pb2.Sample(index=index)), delta)
+            completion_tokens[index] = delta.completion_tokens
+            if delta.finish_reason is not None:  # usage: the prompt once, every sample's tokens
+                out.usage.prompt_tokens = delta.prompt_tokens
+        if samples:
+            out.samples.extend(samples[i] for i in sorted(samples))
+            out.usage.completion_tokens = sum(completion_tokens.values())
         return out
 
     async def GenerateStream(self, request, context):
-        """One response per delta; the last carries finish_reason and usage."""
-        async for delta, checked in self._measured(self._deltas(request, context), "GenerateStream", context):
-            response = gemma_pb2.GenerateResponse(request_id=checked.request_id)
+        """One response per delta (with its sample's index); each sample's last carries its
+        finish_reason and usage."""
+        async for delta, checked, index in self._measured(self._deltas(request, context), "GenerateStream", context):
+            response = gemma_pb2.GenerateResponse(request_id=checked.request_id, index=index)
             _merge(response, delta)
             yield response
 
     async def _measured(self, deltas, method: str, context):
-        """Pass deltas through, recording latencies, tokens and the call's final status."""
-        m, start, first_at, tokens, code = self.metrics, time.perf_counter(), None, 0, "OK"
+        """Pass a gRPC call's deltas through, recording latencies, tokens and its final status."""
         budget = context.time_remaining()  # the call's timeout as it reached us (None: no deadline)
+
+        def code_of(error: BaseException) -> str:
+            if isinstance(error, asyncio.CancelledError):  # the client went away, or its deadline passed
+                return "DEADLINE_EXCEEDED" if _deadline_passed(budget, context.time_remaining()) else "CANCELLED"
+            status = context.code()
+            return status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+
+        async for item in self.measured(deltas, method, code_of):
+            yield item
+
+    async def measured(self, deltas, method: str, code_of: Callable[[BaseException], str]):
+        """Pass (delta, ...) tuples through, recording latencies, tokens and the final status
+        (`code_of` names it for an exception; shared by the gRPC and HTTP fronts)."""
+        m, start, first_at, tokens, code = self.metrics, time.perf_counter(), None, 0, "OK"
         try:
-            async for delta, checked in deltas:
+            async for item in deltas:
+                delta = item[0]
                 now = time.perf_counter()
                 if first_at is None and delta.token_ids:
                     first_at = now
@@ -96,17 +136,13 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
                 if delta.queue_seconds is not None:
                     m.queue_time.observe(delta.queue_seconds)
                 tokens += len(delta.token_ids)
-                yield delta, checked
+                yield item
             end = time.perf_counter()
             m.request_latency.observe(end - start)
             if first_at is not None and tokens > 1:
                 m.time_per_output_token.observe((end - first_at) / (tokens - 1))
-        except asyncio.CancelledError:  # the client went away, or its deadline passed
-            code = "DEADLINE_EXCEEDED" if _deadline_passed(budget, context.time_remaining()) else "CANCELLED"
-            raise
-        except BaseException:
-            status = context.code()
-            code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+        except BaseException as error:
+            code = code_of(error)
             raise
         finally:
             m.generated_tokens.inc(tokens)
@@ -126,6 +162,23 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
                 continue
             self.metrics.record_replica(replica.name, stats)
 
+    async def Abort(self, request, context):
+        """Stop the named requests in flight (all samples of one with n > 1); returns those that were."""
+        if len(request.request_ids) > MAX_ABORT_IDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_ids: at most {MAX_ABORT_IDS}, got {len(request.request_ids)}")
+        aborted = []
+        for request_id in dict.fromkeys(request.request_ids):
+            found = False
+            for sample_id in self._sample_ids.get(request_id, (request_id,)):
+                replica = self._in_flight.get(sample_id)
+                if replica is not None:
+                    replica.abort(sample_id)
+                    found = True
+            if found:
+                aborted.append(request_id)
+        return gemma_pb2.AbortResponse(aborted=aborted)
+
     async def Tokenize(self, request, context):
         """Text → token ids."""
         await self._check_model(request.model, context)
@@ -144,43 +197,101 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model: unknown model {name!r}; this server serves "
                                                            f"{self.served.name!r}")
 
-    async def _deltas(self, request, context) -> AsyncIterator[tuple[RequestDelta, CheckedRequest]]:
+    async def _deltas(self, request, context) -> AsyncIterator[tuple[RequestDelta, CheckedRequest, int]]:
+        """A gRPC request's (delta, checked request, sample index); a ServeError ends the call with its status."""
+        try:
+            checked = self.check(request)
+            remaining = context.time_remaining()
+            deadline = time.time() + remaining if remaining is not None else None  # travels to the engine
+            async for delta, index in self.serve_samples(checked, deadline):
+                yield delta, checked, index
+        except ServeError as e:
+            await context.abort(e.code, e.message)
+
+    async def serve_samples(self, checked: CheckedRequest, deadline: float | None) -> AsyncIterator[tuple[RequestDelta, int]]:
+        """(delta, sample index) of a checked request's n samples, merged in arrival order: n
+        requests for the same prompt (ids request_id-i, seed + i when seeded), which share its
+        cached blocks. The first failure ends them all."""
+        if checked.n == 1:
+            async for delta in self.serve(checked, deadline):
+                yield delta, 0
+            return
+        samples = [_sample(checked, i) for i in range(checked.n)]
+        self._sample_ids[checked.request_id] = [s.request_id for s in samples]
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, sample: CheckedRequest) -> None:
+            try:
+                async for delta in self.serve(sample, deadline):
+                    await queue.put((delta, index))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await queue.put(e)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(samples)]
+        try:
+            done = 0
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            self._sample_ids.pop(checked.request_id, None)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def check(self, request: gemma_pb2.GenerateRequest) -> CheckedRequest:
+        """Validate a request and tokenize its text once, here (the ids travel to the replica);
+        ServeError naming the field when it is bad."""
         try:
             checked = check_generate(request, self.served, f"req-{uuid.uuid4().hex[:12]}")
-            if checked.prompt_token_ids is None:  # tokenized once, here; the ids travel to the replica
+            if checked.prompt_token_ids is None:
                 check_length(len(checked.tokenize(self.tokenizer)), checked.params.max_tokens, self.served,
                              "chat" if checked.chat is not None else "prompt")
         except ValidationError as e:
-            code = grpc.StatusCode.NOT_FOUND if e.not_found else grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, str(e))
+            raise ServeError(grpc.StatusCode.NOT_FOUND if e.not_found else grpc.StatusCode.INVALID_ARGUMENT,
+                             str(e)) from e
         except ValueError as e:  # e.g. the chat template's own checks
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        return checked
+
+    async def serve(self, checked: CheckedRequest, deadline: float | None) -> AsyncIterator[RequestDelta]:
+        """A checked request's deltas from a replica (admission control, routing, one retry on
+        another replica for a request that streamed nothing); ServeError when it cannot be served."""
         if self.max_queued_requests is not None and self.queued >= self.max_queued_requests:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"queue full: {self.queued} requests are waiting (--max-queued-requests)")
-        remaining = context.time_remaining()
-        deadline = time.time() + remaining if remaining is not None else None  # travels to the engine
+            raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"queue full: {self.queued} requests are waiting (--max-queued-requests)")
         tried: set[str] = set()
         keys = self.router.keys(checked.prompt_token_ids)
         while True:  # a request that has streamed nothing yet is retried once on another replica
             replica = self._pick(exclude=tried, keys=keys)
             if replica is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
+                raise ServeError(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
             tried.add(replica.name)
             self.router.record(replica.name, keys)
             log.info("request %s → replica %s", checked.request_id, replica.name)
             streamed = False
+            self._in_flight[checked.request_id] = replica
             try:
-                async for delta in self._stream(replica, checked, deadline, context):
+                async for delta in self._stream(replica, checked, deadline):
                     streamed = streamed or bool(delta.token_ids or delta.text)
-                    yield delta, checked
+                    yield delta
                 return
             except ReplicaFailure as failure:
                 self._on_replica_failure(replica, failure)
                 if streamed or len(tried) > 1:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica failed mid-request ({failure})")
+                    raise ServeError(grpc.StatusCode.UNAVAILABLE, f"replica failed mid-request ({failure})") from failure
+            finally:
+                if self._in_flight.get(checked.request_id) is replica:
+                    del self._in_flight[checked.request_id]
 
-    async def _stream(self, replica, checked: CheckedRequest, deadline: float | None, context):
+    async def _stream(self, replica, checked: CheckedRequest, deadline: float | None):
         """One replica's deltas for the request, with the queue timeout on the first one."""
         stream = replica.generate(checked.request_id, checked.params, deadline=deadline, **checked.engine_input())
         try:
@@ -188,15 +299,15 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
             try:
                 first = await asyncio.wait_for(anext(stream), timeout=self.queue_timeout)
             except asyncio.TimeoutError:
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"request waited over {self.queue_timeout:g}s for a replica (--queue-timeout)")
+                raise ServeError(grpc.StatusCode.UNAVAILABLE, f"request waited over {self.queue_timeout:g}s for a "
+                                                              "replica (--queue-timeout)") from None
             finally:
                 self.queued -= 1
             yield first
             async for delta in stream:
                 yield delta
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         finally:
             await stream.aclose()  # a cancelled or expired call aborts the request in its replica
 
@@ -229,14 +340,34 @@ def _deadline_passed(budget: float | None, remaining: float | None) -> bool:
     return remaining <= max(DEADLINE_SLACK, 0.1 * budget)
 
 
+def _sample(checked: CheckedRequest, index: int) -> CheckedRequest:
+    """Sample `index` of a request with n > 1: its own id, seed + index when seeded, n = 1."""
+    params = checked.params
+    if params.seed is not None:
+        params = dataclasses.replace(params, seed=params.seed + index)
+    return dataclasses.replace(checked, request_id=f"{checked.request_id}-{index}", params=params, n=1)
+
+
+def _merge_sample(sample: gemma_pb2.Sample, delta: RequestDelta) -> None:
+    """Append a delta's text, tokens and logprobs to one sample of a unary response."""
+    sample.text += delta.text
+    sample.token_ids.extend(delta.token_ids)
+    sample.logprobs.extend(_logprobs(delta))
+    if delta.finish_reason is not None:
+        sample.finish_reason = _FINISH[delta.finish_reason]
+
+
+def _logprobs(delta: RequestDelta) -> list[gemma_pb2.TokenLogprobs]:
+    return [gemma_pb2.TokenLogprobs(chosen=gemma_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob),
+                                    top=[gemma_pb2.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top])
+            for lp in delta.logprobs]
+
+
 def _merge(response: gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:
     """Append a delta's text, tokens and logprobs; set finish_reason and usage when it is the last."""
     response.text += delta.text
     response.token_ids.extend(delta.token_ids)
-    for lp in delta.logprobs:
-        response.logprobs.append(gemma_pb2.TokenLogprobs(
-            chosen=gemma_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob),
-            top=[gemma_pb2.TokenLogprob(token_id=t, logprob=p) for t, p in lp.top]))
+    response.logprobs.extend(_logprobs(delta))
     if delta.finish_reason is not None:
         response.finish_reason = _FINISH[delta.finish_reason]
         response.usage.prompt_tokens = delta.prompt_tokens
@@ -327,6 +458,7 @@ def _service_handler(servicer: GemmaServicer) -> grpc.GenericRpcHandler:
             response_serializer=gemma_pb2.GenerateResponse.SerializeToString),
         "Tokenize": unary("Tokenize", gemma_pb2.TokenizeRequest, gemma_pb2.TokenizeResponse),
         "GetModelInfo": unary("GetModelInfo", gemma_pb2.GetModelInfoRequest, gemma_pb2.ModelInfo),
+        "Abort": unary("Abort", gemma_pb2.AbortRequest, gemma_pb2.AbortResponse),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 

@@ -10,6 +10,7 @@ from gemma_dist.sampling import SamplingParams, SamplingParamsError
 from gemma_dist.v1 import gemma_pb2
 
 MAX_REQUEST_ID_CHARS = 128
+MAX_SAMPLES = 16  # sampling.n
 CHAT_ROLES = ("system", "user", "model", "assistant")
 # Proto field name → SamplingParams field, where they differ.
 _DEFAULTS = SamplingParams()
@@ -43,6 +44,7 @@ class CheckedRequest:
     prompt_token_ids: list[int] | None = None  # given by the request, or the gateway's tokenization
     chat: list[dict[str, str]] | None = None
     params: SamplingParams = _DEFAULTS
+    n: int = 1  # samples of the prompt (sampling.n)
 
     @property
     def tokenized(self) -> bool:
@@ -91,6 +93,10 @@ def check_generate(request: gemma_pb2.GenerateRequest, served: ServedModel, assi
     else:
         checked.chat = _chat(request.chat)
     checked.params = sampling_params(request.sampling, served)
+    if request.sampling.HasField("n"):
+        if not 1 <= request.sampling.n <= MAX_SAMPLES:
+            raise ValidationError("sampling.n", f"must be in [1, {MAX_SAMPLES}], got {request.sampling.n}")
+        checked.n = request.sampling.n
     if checked.prompt_token_ids is not None:
         check_length(len(checked.prompt_token_ids), checked.params.max_tokens, served, "prompt_token_ids")
     return checked

@@ -200,3 +200,20 @@ def test_a_shared_prefix_goes_where_it_is_cached_unless_that_replica_is_much_bus
     finally:
         for replica, generate in zip(replicas, original):
             replica.generate = generate
+
+
+def test_abort_stops_a_request_in_flight_by_its_id(served, client):
+    server, replicas = served
+    stream = client.generate_stream("Tell me a long story about the sea", temperature=0, max_tokens=500,
+                                    ignore_eos=True, request_id="abort-me")
+    first = next(stream)
+    assert first.request_id == "abort-me"
+    assert client.abort(["abort-me", "no-such-request"]) == ["abort-me"]
+    rest = list(stream)
+    assert rest[-1].finish_reason == gemma_pb2.FINISH_REASON_ABORTED
+    assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) < 500
+    assert client.abort(["abort-me"]) == []  # done: nothing to stop
+    with pytest.raises(grpc.RpcError) as info:
+        client.abort([f"id-{i}" for i in range(1001)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("request_ids")
+    assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
