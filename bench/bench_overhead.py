@@ -185,30 +185,13 @@ class Server:
 
 
 async def _stream_all(target: str, texts: list[str], output_len: int) -> tuple[int, float, list[float]]:
-    """Every prompt as its own GenerateStream call, all at once; (tokens, wall seconds, TTFTs)."""
-    import grpc
+    """Every prompt as its own GenerateStream call, all at once (`gemma-dist bench`'s load
+    generator); (tokens, wall seconds, TTFTs)."""
+    from gemma_dist.bench import Workload, run_grpc
 
-    from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
-
-    channels = [grpc.aio.insecure_channel(target) for _ in range(4)]
-    stubs = [gemma_pb2_grpc.GemmaServiceStub(c) for c in channels]
-    sampling = gemma_pb2.SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-
-    async def one(i: int, text: str) -> tuple[int, float]:
-        start, first, tokens = time.perf_counter(), None, 0
-        async for response in stubs[i % len(stubs)].GenerateStream(
-                gemma_pb2.GenerateRequest(prompt=text, sampling=sampling)):
-            if first is None and response.token_ids:
-                first = time.perf_counter() - start
-            tokens += len(response.token_ids)
-        return tokens, first or 0.0
-
-    start = time.perf_counter()
-    results = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
-    wall = time.perf_counter() - start
-    for channel in channels:
-        await channel.close()
-    return sum(r[0] for r in results), wall, [r[1] for r in results]
+    report = await run_grpc(target, Workload(list(texts), [output_len] * len(texts)), concurrency=len(texts))
+    return report.output_tokens, report.wall, [r.first - r.start if r.first is not None else 0.0
+                                               for r in report.results]
 
 
 def run_served(server: Server, texts: list[str], output_len: int) -> dict:

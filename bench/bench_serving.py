@@ -13,7 +13,6 @@ Also: tp=2 against tp=1, and the cold start from launching `gemma-dist serve` to
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import os
 import signal
 import socket
@@ -83,7 +82,7 @@ def start_server(tp: int, model: str = "default", dtype: str = "float32", device
     log_path = Path(os.environ.get("OUT", "/tmp")) / (log_name or f"bench_serve_tp{tp}.log")
     proc = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--tp", str(tp),
                              "--model", model, "--dtype", dtype, "--device", device, "--placement-timeout", "60",
-                             "--metrics-port", str(metrics_port), *extra_args],
+                             "--metrics-port", str(metrics_port), "--http-port", "0", *extra_args],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
     target = f"127.0.0.1:{port}"
     while True:
@@ -109,28 +108,16 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def run_clients(target: str, work: list[list[int]], output_len: int) -> dict[str, float]:
-    """All prompts at once, one streaming client each; throughput and latency percentiles."""
-    from gemma_dist.client import Client
+    """All prompts at once, one streaming call each (`gemma-dist bench`'s load generator);
+    throughput and latency percentiles."""
+    import asyncio
 
-    def one(prompt):
-        with Client(target, timeout=3600) as client:
-            start = time.perf_counter()
-            first, count = None, 0
-            for chunk in client.generate_stream(prompt, temperature=0, max_tokens=output_len, ignore_eos=True):
-                if chunk.token_ids and first is None:
-                    first = time.perf_counter()
-                count += len(chunk.token_ids)
-            end = time.perf_counter()
-            return start, first, end, count
+    from gemma_dist.bench import Workload, run_grpc
 
-    begin = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
-        results = list(pool.map(one, work))
-    wall = time.perf_counter() - begin
-    assert all(r[3] == output_len for r in results)
-    ttft = [r[1] - r[0] for r in results]
-    tpot = [(r[2] - r[1]) / max(1, r[3] - 1) for r in results]
-    return {"tok_s": sum(r[3] for r in results) / wall, "ttft50": percentile(ttft, 50), "ttft99": percentile(ttft, 99),
+    report = asyncio.run(run_grpc(target, Workload(list(work), [output_len] * len(work)), concurrency=len(work)))
+    assert len(report.ok) == len(work) and all(r.tokens == output_len for r in report.results), report.failures()
+    ttft, tpot = report.ttfts(), report.tpots()
+    return {"tok_s": report.tok_s, "ttft50": percentile(ttft, 50), "ttft99": percentile(ttft, 99),
             "tpot50": percentile(tpot, 50), "tpot99": percentile(tpot, 99)}
 
 

@@ -1,4 +1,4 @@
-"""`gemma-dist` command line: serve (gRPC gateway), generate (via a server, or --local)."""
+"""`gemma-dist` command line: serve (gRPC gateway), generate (via a server, or --local), scale, bench."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only)")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=8000)
+    serve.add_argument("--http-port", type=int, default=8080,
+                       help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+                            "/health) on this port; 0 turns it off")
     serve.add_argument("--address", default=None, help="Ray cluster to join: auto or HOST:PORT")
     serve.add_argument("--kv-cache-memory", type=float, default=2 * 2**30,
                        help="KV cache budget per replica: bytes (> 1) or a fraction of memory (<= 1)")
@@ -83,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--replicas", type=int, required=True, help="replicas wanted (>= 1)")
     scale.add_argument("--target", default="127.0.0.1:50051", help="server address")
     scale.add_argument("--auth-token-file", default=None, help="file holding the server's bearer token")
+    bench = sub.add_parser("bench", help="load a running server and report throughput and latency")
+    bench.add_argument("--target", default="127.0.0.1:50051", help="gRPC server address")
+    bench.add_argument("--url", default=None,
+                       help="use the OpenAI HTTP API at this base URL instead (e.g. http://127.0.0.1:8080/v1)")
+    bench.add_argument("--requests", type=int, default=64, help="requests to send")
+    bench.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    bench.add_argument("--prompt-len", type=int, default=128, help="tokens per random prompt")
+    bench.add_argument("--output-len", type=int, default=128, help="max_tokens per request (default for the file)")
+    bench.add_argument("--prompts-file", default=None,
+                       help='JSONL, one request per line: {"prompt": text} or {"prompt_token_ids": [...]}, '
+                            'optional "max_tokens"; cycled up to --requests')
+    bench.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    bench.add_argument("--stop-at-eos", action="store_true",
+                       help="let requests end at the end-of-sequence token (default: exactly max_tokens each)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    bench.add_argument("--auth-token-file", default=None, help="file holding the server's bearer token")
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--local", action="store_true",
@@ -110,7 +129,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
     for flag, value in at_least_one:
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port), ("--http-port", args.http_port)):
         if not 0 <= port <= 65535:
             raise ValueError(f"{flag} must be in 0..65535, got {port}")
     if args.device not in DEVICES:
@@ -205,6 +224,26 @@ def _scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gemma_dist.bench import Workload, run_grpc, run_http
+
+    for flag, value in (("--requests", args.requests), ("--concurrency", args.concurrency),
+                        ("--prompt-len", args.prompt_len), ("--output-len", args.output_len)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    workload = (Workload.from_jsonl(args.prompts_file, args.output_len, args.requests) if args.prompts_file
+                else Workload.random(args.requests, args.prompt_len, args.output_len, args.seed))
+    token = open(args.auth_token_file).read().strip() if args.auth_token_file else None
+    options = dict(token=token, temperature=args.temperature, ignore_eos=not args.stop_at_eos, progress=True)
+    run = (run_http(args.url, workload, args.concurrency, **options) if args.url
+           else run_grpc(args.target, workload, args.concurrency, **options))
+    report = asyncio.run(run)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gemma-dist` console script."""
     args = build_parser().parse_args(argv)
@@ -221,10 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate_local(args) if args.local else _generate_remote(args)
         if args.command == "scale":
             return _scale(args)
+        if args.command == "bench":
+            return _bench(args)
     except ValueError as e:  # bad sampling values, bad model path: one clear line
         print(f"gemma-dist: error: {e}", file=sys.stderr)
         return 2
-    except ReplicaFailure as e:  # e.g. --device cuda on a cluster without GPUs
+    except (ReplicaFailure, OSError) as e:  # e.g. --device cuda on a cluster without GPUs; a port in use
         print(f"gemma-dist: error: {e}", file=sys.stderr)
         return 1
     return 2

@@ -67,12 +67,13 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for each prompt (text, or a list of token ids); outputs keep the input order."""
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)) \
+        """Generate for each prompt (text, a list of token ids, or a vLLM-style dict: {"prompt": text}
+        or {"prompt_token_ids": ids}); outputs keep the input order."""
+        if isinstance(prompts, (str, Mapping)) or (len(prompts) and isinstance(prompts[0], numbers.Integral)) \
                 or getattr(prompts, "ndim", None) == 1:
             prompts = [prompts]
         params = _per_prompt(sampling_params, len(prompts))
-        return self._run([dict(prompt=p) for p in prompts], params)
+        return self._run([dict(prompt=_prompt_of(p)) for p in prompts], params)
 
     def chat(self, conversations: Conversation | Seq[Conversation],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -115,3 +116,14 @@ def _per_prompt(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> 
     if len(params) != n:
         raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
     return params
+
+
+def _prompt_of(prompt: Prompt | Mapping) -> Prompt:
+    """A prompt as text or token ids; a vLLM-style dict gives "prompt_token_ids" or "prompt"."""
+    if not isinstance(prompt, Mapping):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")

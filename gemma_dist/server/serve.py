@@ -48,8 +48,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
     # Secrets first: a bad file fails in a second, not after the replicas have loaded.
     credentials = server_credentials(args.tls_cert, args.tls_key) if args.tls_cert else None
-    interceptors = ([BearerTokenInterceptor(read_secret(args.auth_token_file, "--auth-token-file").decode().strip())]
-                    if args.auth_token_file else [])
+    auth_token = read_secret(args.auth_token_file, "--auth-token-file").decode().strip() if args.auth_token_file else None
+    interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
+    http_socket = None
+    if args.http_port:  # bound first, like the secrets: a taken port fails before the model loads
+        from gemma_dist.server.openai_http import bind_http_socket
+
+        http_socket = bind_http_socket(args.host, args.http_port)
     started = time.perf_counter()
     checkpoint = open_checkpoint(args.model, args.variant)  # converts the default model once, here
     config, tokenizer = checkpoint.config, checkpoint.load_tokenizer()
@@ -87,6 +92,14 @@ async def _serve(args: argparse.Namespace) -> int:
     server, port = await start_server(servicer, args.host, args.port, credentials, interceptors, make_replica)
     metrics_port = servicer.metrics.serve(args.host, args.metrics_port)
     log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
+    http = None
+    if http_socket is not None:
+        from gemma_dist.server.openai_http import start_http
+
+        http = await start_http(servicer, args.host, args.http_port, auth_token, args.tls_cert, args.tls_key,
+                                sock=http_socket)
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if args.tls_cert else "http", args.host,
+                 http.port)
     log.info("serving %s (%s) on %s:%d: %d replica(s) x tp=%d, ready in %.1fs", served.name, config.name,
              args.host, port, len(replicas), args.tp, time.perf_counter() - started)
     print(f"gemma-dist: serving {served.name} ({config.name}) on {args.host}:{port}", flush=True)
@@ -96,7 +109,10 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining: no new requests; finishing in-flight ones for up to %.0fs", DRAIN_SECONDS)
-    await server.stop(grace=DRAIN_SECONDS)
+    if http is not None:
+        await asyncio.gather(server.stop(grace=DRAIN_SECONDS), http.stop())
+    else:
+        await server.stop(grace=DRAIN_SECONDS)
     server.metrics_task.cancel()
     for replica in replicas:
         replica.shutdown()

@@ -33,7 +33,7 @@ README = DEPLOY / "README.md"
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 PUNCTUATION = set(";&|<>()")
 COMMAND_PREFIXES = {"nohup", "exec", "sudo", "time", "env", "command"}
-SUBCOMMANDS = {"serve", "generate", "scale"}
+SUBCOMMANDS = {"serve", "generate", "scale", "bench"}
 # Provider and device each Ray config is meant for.
 RAY_TARGETS = {"gcp-gpu.yaml": ("gcp", "cuda"), "gcp-tpu.yaml": ("gcp", "xla"), "aws-gpu.yaml": ("aws", "cuda")}
 

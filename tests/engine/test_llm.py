@@ -130,6 +130,18 @@ def test_bad_prompts_raise_clear_errors(default_llm, prompt, message):
         default_llm.generate([prompt], greedy(max_tokens=2))
 
 
+def test_vllm_style_prompt_dicts_give_the_same_outputs(default_llm):
+    ids = default_llm.tokenizer.encode("The capital of France is")
+    plain = default_llm.generate(["The capital of France is", ids], greedy(max_tokens=4))
+    dicts = default_llm.generate([{"prompt": "The capital of France is"}, {"prompt_token_ids": ids}],
+                                 greedy(max_tokens=4))
+    assert [o.token_ids for o in dicts] == [o.token_ids for o in plain] and plain[0].token_ids == plain[1].token_ids
+    assert default_llm.generate({"prompt": "The capital of France is"}, greedy(max_tokens=4))[0].token_ids == \
+        plain[0].token_ids
+    with pytest.raises(ValueError, match="'prompt' or 'prompt_token_ids'"):
+        default_llm.generate([{"text": "hi"}], greedy(max_tokens=1))
+
+
 def test_bad_sampling_values_raise_naming_the_parameter():
     with pytest.raises(SamplingParamsError, match="^top_p"):
         SamplingParams(top_p=1.5)

@@ -14,15 +14,24 @@ from gemma_dist.server.validation import ServedModel
 class ServerThread:
     """A grpc.aio gateway running on its own event loop in a background thread."""
 
-    def __init__(self, servicer: GemmaServicer, credentials=None, interceptors=(), make_replica=None):
+    def __init__(self, servicer: GemmaServicer, credentials=None, interceptors=(), make_replica=None,
+                 http_token: str | None = None, http: bool = False):
         self.loop = asyncio.new_event_loop()
         self.servicer = servicer
+        self.http = None  # the OpenAI HTTP front, when asked for (`http_port`)
         started = threading.Event()
+
+        async def start():
+            self.server, self.port = await start_server(servicer, "127.0.0.1", 0, credentials, interceptors,
+                                                        make_replica)
+            if http:
+                from gemma_dist.server.openai_http import start_http
+
+                self.http = await start_http(servicer, "127.0.0.1", 0, http_token)
 
         def run():
             asyncio.set_event_loop(self.loop)
-            self.server, self.port = self.loop.run_until_complete(start_server(servicer, "127.0.0.1", 0, credentials, interceptors,
-                                                                                  make_replica))
+            self.loop.run_until_complete(start())
             started.set()
             self.loop.run_forever()
 
@@ -30,7 +39,13 @@ class ServerThread:
         self.thread.start()
         assert started.wait(60)
 
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
     def stop(self):
+        if self.http is not None:
+            asyncio.run_coroutine_threadsafe(self.http.stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.server.metrics_task.cancel)
         asyncio.run_coroutine_threadsafe(self.server.stop(grace=None), self.loop).result(30)
         asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self.loop).result(30)  # e.g. replicas' pollers
@@ -48,11 +63,12 @@ async def _cancel_other_tasks() -> None:
 
 @contextlib.contextmanager
 def running_gateway(replicas, llm, max_tokens_limit: int = 4096, credentials=None, interceptors=(),
-                    make_replica=None, **limits):
-    """Serve `replicas` (shut down afterwards) as the default model described by the offline `llm`."""
+                    make_replica=None, http: bool = False, http_token: str | None = None, **limits):
+    """Serve `replicas` (shut down afterwards) as the default model described by the offline `llm`;
+    with `http`, the OpenAI front too (on `server.http_port`)."""
     model = ServedModel("default", llm.config.vocab_size, llm.config.max_position_embeddings, max_tokens_limit)
     server = ServerThread(GemmaServicer(replicas, model, llm.tokenizer, llm.config.name, **limits), credentials,
-                          interceptors, make_replica)
+                          interceptors, make_replica, http_token=http_token, http=http)
     try:
         yield server
     finally:

@@ -12,9 +12,10 @@ from tests.helpers import free_port
 
 
 def test_serve_generate_and_drain_on_sigterm():
-    port = free_port()
+    port, http_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port),
+                               "--metrics-port", str(free_port()), "--http-port", str(http_port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.time() + 120
@@ -30,6 +31,12 @@ def test_serve_generate_and_drain_on_sigterm():
         assert unary.stdout == streamed.stdout and "red" in unary.stdout
         bad = subprocess.run(cli + ["--top-p", "3", "x"], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.top_p" in bad.stderr
+        # The OpenAI-compatible HTTP front of the same server gives the same greedy text.
+        import openai
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+        completion = oai.completions.create(model="default", prompt="The three primary colors are", max_tokens=8,
+                                            temperature=0)
+        assert completion.choices[0].text in unary.stdout and completion.usage.completion_tokens == 8
         # SIGTERM drains: a stream in flight still completes, then the server exits cleanly.
         from gemma_dist.client import Client
         with Client(f"127.0.0.1:{port}", timeout=120) as client:
@@ -42,3 +49,17 @@ def test_serve_generate_and_drain_on_sigterm():
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_a_taken_http_port_fails_at_once_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        started = time.time()
+        result = subprocess.run([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(free_port()),
+                                 "--http-port", str(busy)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and time.time() - started < 60
+    assert f"gemma-dist: error: --http-port: cannot bind 127.0.0.1:{busy}" in result.stderr

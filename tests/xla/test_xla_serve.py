@@ -35,7 +35,7 @@ def test_serve_on_xla_answers_grpc_with_the_reference_tokens():
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "gemma_dist.cli", "serve", "--device", "xla", "--dtype", "float32",
            "--max-model-len", "128", "--kv-cache-memory", str(64 << 20), "--port", str(port),
-           "--metrics-port", str(free_port())]
+           "--metrics-port", str(free_port()), "--http-port", "0"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     log = []
     try:
