@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     bench.add_argument("--stop-at-eos", action="store_true",
                        help="let requests end at the end-of-sequence token (default: exactly max_tokens each)")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    bench.add_argument("--seed", type=int, default=None,
+                       help="seed of the random prompts (default: new prompts every run, so a server's prefix "
+                            "cache cannot answer them from an earlier run)")
     bench.add_argument("--auth-token-file", default=None, help="file holding the server's bearer token")
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("prompt", help="the prompt text")
@@ -226,6 +228,7 @@ def _scale(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     import asyncio
+    import random
 
     from gemma_dist.bench import Workload, run_grpc, run_http
 
@@ -233,8 +236,11 @@ def _bench(args: argparse.Namespace) -> int:
                         ("--prompt-len", args.prompt_len), ("--output-len", args.output_len)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     workload = (Workload.from_jsonl(args.prompts_file, args.output_len, args.requests) if args.prompts_file
-                else Workload.random(args.requests, args.prompt_len, args.output_len, args.seed))
+                else Workload.random(args.requests, args.prompt_len, args.output_len, seed))
+    if not args.prompts_file:
+        print(f"random prompts: --seed {seed}", file=sys.stderr)
     token = open(args.auth_token_file).read().strip() if args.auth_token_file else None
     options = dict(token=token, temperature=args.temperature, ignore_eos=not args.stop_at_eos, progress=True)
     run = (run_http(args.url, workload, args.concurrency, **options) if args.url

@@ -282,8 +282,9 @@ class Scheduler:
 
     def on_step_done(self, out: SchedulerOutput) -> None:
         """Record that the planned tokens' K/V are now cached."""
-        caching = self.blocks.caching
+        caching, block_size = self.blocks.caching, self.blocks.block_size
         for item in out.scheduled:
-            item.seq.num_cached += item.num_tokens
-            if caching:
-                self._register_full_blocks(item.seq)
+            seq = item.seq
+            seq.num_cached += item.num_tokens
+            if caching and seq.num_cached >= (seq.registered_blocks + 1) * block_size:  # a block filled up
+                self._register_full_blocks(seq)
