@@ -348,8 +348,9 @@ def _sample(checked: CheckedRequest, index: int) -> CheckedRequest:
     return dataclasses.replace(checked, request_id=f"{checked.request_id}-{index}", params=params, n=1)
 
 
-def _merge_sample(sample: gemma_pb2.Sample, delta: RequestDelta) -> None:
-    """Append a delta's text, tokens and logprobs to one sample of a unary response."""
+def _merge_sample(sample: gemma_pb2.Sample | gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:
+    """Append a delta's text, tokens and logprobs to a sample (or a response); its finish_reason
+    when it is the last."""
     sample.text += delta.text
     sample.token_ids.extend(delta.token_ids)
     sample.logprobs.extend(_logprobs(delta))
@@ -365,11 +366,8 @@ def _logprobs(delta: RequestDelta) -> list[gemma_pb2.TokenLogprobs]:
 
 def _merge(response: gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:
     """Append a delta's text, tokens and logprobs; set finish_reason and usage when it is the last."""
-    response.text += delta.text
-    response.token_ids.extend(delta.token_ids)
-    response.logprobs.extend(_logprobs(delta))
+    _merge_sample(response, delta)
     if delta.finish_reason is not None:
-        response.finish_reason = _FINISH[delta.finish_reason]
         response.usage.prompt_tokens = delta.prompt_tokens
         response.usage.completion_tokens = delta.completion_tokens
 

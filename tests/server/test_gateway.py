@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -116,29 +117,36 @@ def test_bad_requests_fail_with_the_field_named_and_the_server_keeps_serving(cli
     assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
 
 
-def test_requests_spread_over_both_replicas(served, client):
-    server, replicas = served
-    seen = set()
+@contextlib.contextmanager
+def routed(replicas):
+    """The names of the replicas that get each request, in order, while in the block."""
+    seen: list[str] = []
     original = [r.generate for r in replicas]
 
     def spy(replica, generate):
         def wrapped(*args, **kwargs):
-            seen.add(replica.name)
+            seen.append(replica.name)
             return generate(*args, **kwargs)
         return wrapped
 
     for replica, generate in zip(replicas, original):
         replica.generate = spy(replica, generate)
     try:
+        yield seen
+    finally:
+        for replica, generate in zip(replicas, original):
+            replica.generate = generate
+
+
+def test_requests_spread_over_both_replicas(served, client):
+    server, replicas = served
+    with routed(replicas) as seen:
         # Different first words: no shared prefix for cache-aware routing to follow, so load decides.
         streams = [client.generate_stream(f"{word}: " + GOLDEN["digits"]["prompt"], temperature=0, max_tokens=8)
                    for word in ("One", "Two", "Three", "Four")]
         for stream in streams:
             assert sum(len(c.token_ids) for c in stream) == 8
-    finally:
-        for replica, generate in zip(replicas, original):
-            replica.generate = generate
-    assert seen == {"replica-0", "replica-1"}
+    assert set(seen) == {"replica-0", "replica-1"}
 
 
 def test_health_and_reflection(served):
@@ -171,19 +179,8 @@ def test_a_shared_prefix_goes_where_it_is_cached_unless_that_replica_is_much_bus
     """Prefix routing (the default): a prompt that starts like an earlier one follows it to its
     replica, which finds the prefix's K/V cached, although the other replica is idler."""
     server, replicas = served
-    seen: list[str] = []
-    original = [r.generate for r in replicas]
-
-    def spy(replica, generate):
-        def wrapped(*args, **kwargs):
-            seen.append(replica.name)
-            return generate(*args, **kwargs)
-        return wrapped
-
     shared = "Routing test. " + " ".join(f"item{i}" for i in range(60))  # many full blocks
-    for replica, generate in zip(replicas, original):
-        replica.generate = spy(replica, generate)
-    try:
+    with routed(replicas) as seen:
         client.generate(shared + " first", temperature=0, max_tokens=1)
         home = next(r for r in replicas if r.name == seen[-1])
         busy = client.generate_stream("An unrelated story about a lighthouse keeper", temperature=0, max_tokens=400,
@@ -197,9 +194,6 @@ def test_a_shared_prefix_goes_where_it_is_cached_unless_that_replica_is_much_bus
         client.generate("Something else entirely, with nothing in common", temperature=0, max_tokens=1)
         assert seen[-1] != home.name  # no match anywhere: the least-loaded replica
         busy.cancel()
-    finally:
-        for replica, generate in zip(replicas, original):
-            replica.generate = generate
 
 
 def test_abort_stops_a_request_in_flight_by_its_id(served, client):
