@@ -6,7 +6,8 @@ keys the replicas' prefix caches use), bounded and least recently used first out
 to the replica whose index holds the longest run of its leading blocks, since that replica most
 likely still caches their K/V, unless that replica carries `load_slack` more requests than the
 least-loaded one: then to the least-loaded (a hit is not worth queueing behind a busy replica).
-With no match anywhere, least-loaded decides. The index is approximate: a replica may have
+With no match anywhere, least-loaded decides, and among equally loaded replicas the one whose
+index is smallest, so distinct prefixes spread over the replicas' caches. The index is approximate: a replica may have
 evicted blocks the gateway still lists (that only costs a recomputation), and it is dropped
 for a replica that fails or leaves.
 """
@@ -57,7 +58,9 @@ class Router:
         if not candidates:
             return None
         loads = {id(r): r.load() for r in candidates}  # read once: loads move while we decide
-        least = min(candidates, key=lambda r: loads[id(r)])  # ties: the first
+        # Ties: the replica whose index holds the fewest blocks, so new prefixes spread over the replicas
+        # (and their caches) even when requests come one at a time; then the first.
+        least = min(candidates, key=lambda r: (loads[id(r)], len(self._index.get(r.name, ()))))
         best, best_match = least, 0
         for replica in candidates:
             match = self.matched_blocks(replica.name, keys)

@@ -14,6 +14,7 @@ import torch
 from gemma_dist import SamplingParams
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.model import layers
+from tests.helpers import assert_greedy_agrees
 
 BLOCK = 16
 
@@ -88,3 +89,24 @@ def test_cached_blocks_count_as_free_and_give_way_under_memory_pressure(default_
         assert run(engine, f"r{seed}", prompt, params) == run(cold, f"r{seed}", prompt, params)
         stats = engine.stats()
         assert stats.free_blocks == stats.total_blocks and 0 < stats.cached_blocks <= 8
+
+
+def test_a_hit_past_the_sliding_window_gives_the_same_tokens(default_llm):
+    """A 600-token shared prefix, beyond Gemma 3's 512-token local window. Past the window even
+    batch-invariant mode is not invariant to where a prefill chunk starts (a cold prompt chunked
+    differently changes last bits the same way), so: the same greedy tokens up to the first near-tie,
+    logprobs equal to float32 rounding."""
+    vocab = default_llm.config.vocab_size
+    shared = prompt_ids(vocab, 600, seed=5)
+    first, second = shared + prompt_ids(vocab, 8, seed=6)[1:], shared + prompt_ids(vocab, 5, seed=7)[1:]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True)
+    cached = engine_of(default_llm, caching=True)
+    run(cached, "first", first, params)
+    hit_tokens, hit_logprobs = run(cached, "second", second, params)
+    assert cached.stats().prefix_cache_hits == 600 // BLOCK * BLOCK
+    cold_tokens, cold_logprobs = run(engine_of(default_llm, caching=False), "second", second, params)
+    margins = [lp.top[0][1] - lp.top[1][1] for lp in cold_logprobs]
+    compared = assert_greedy_agrees(hit_tokens, cold_tokens, margins, what="cache hit vs cold")
+    assert compared >= 3
+    for hit, cold in zip(hit_logprobs[:compared], cold_logprobs[:compared]):
+        assert hit.logprob == pytest.approx(cold.logprob, abs=1e-4)

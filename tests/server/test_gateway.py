@@ -183,9 +183,8 @@ def test_a_shared_prefix_goes_where_it_is_cached_unless_that_replica_is_much_bus
     with routed(replicas) as seen:
         client.generate(shared + " first", temperature=0, max_tokens=1)
         home = next(r for r in replicas if r.name == seen[-1])
-        busy = client.generate_stream("An unrelated story about a lighthouse keeper", temperature=0, max_tokens=400,
-                                      ignore_eos=True)
-        next(busy)  # in flight now, on the idler replica at the time: `home` (both idle, ties go first)
+        busy = client.generate_stream(shared + " and a long story", temperature=0, max_tokens=400, ignore_eos=True)
+        next(busy)  # in flight now, on `home` (its prefix): home is the busier replica from here
         assert seen[-1] == home.name and home.load() == 1
         hits_before = home.stats().prefix_cache_hits
         out = client.generate(shared + " second", temperature=0, max_tokens=1)  # least-loaded would go elsewhere

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from gemma_dist.engine.block_manager import BlockManager, chain_key, chain_keys
 from gemma_dist.engine.sequence import Sequence
 from tests.unit.test_scheduler import BIG_CONTEXT, Params, SimEngine, fake_token
@@ -220,3 +222,49 @@ def test_a_preempted_sequence_resumes_correctly_whatever_of_its_blocks_survived(
     for seq in seqs:
         assert seq.output_token_ids == expected_output(seq.prompt_token_ids, 12)
     assert engine.blocks.num_free == 12
+
+
+def assert_block_invariants(engine: SimEngine) -> None:
+    """Reference counts equal the tables that hold each block; the free pool is exactly the
+    unreferenced blocks, each once; a cached key names its block and only registered blocks wait
+    as evictable."""
+    blocks = engine.blocks
+    held: dict[int, int] = {}
+    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+        for block in seq.block_table:
+            held[block] = held.get(block, 0) + 1
+    assert [blocks._refs[b] for b in range(blocks.num_blocks)] == [held.get(b, 0) for b in range(blocks.num_blocks)]
+    pool = list(blocks._free) + list(blocks._evictable)
+    assert len(pool) == len(set(pool)) == blocks.num_free
+    assert set(pool) == {b for b in range(blocks.num_blocks) if b not in held}
+    assert all(blocks._key_of[b] is not None for b in blocks._evictable)
+    assert all(blocks._key_of[b] is None for b in blocks._free)
+    assert all(blocks._key_of[block] == key for key, block in blocks._cached.items())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workloads_with_aborts_and_preemptions_keep_every_block_invariant(seed):
+    rng = random.Random(seed)
+    engine = SimEngine(num_blocks=10, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, caching=True)
+    families = [[rng.randrange(100, 200) for _ in range(rng.randrange(3, 13))] for _ in range(3)]
+    seqs, aborted = [], set()
+    for i in range(50):
+        prompt = rng.choice(families) + [rng.randrange(100, 200) for _ in range(rng.randrange(1, 5))]
+        seqs.append(engine.add(seq_of(f"r{i}", prompt, max_tokens=rng.randrange(1, 20))))
+        for _ in range(rng.randrange(0, 3)):
+            engine.step()
+            assert_block_invariants(engine)
+        live = [s for s in seqs if not s.is_finished]
+        if live and rng.random() < 0.3:
+            victim = rng.choice(live)
+            assert engine.scheduler.abort(victim.request_id) is victim
+            aborted.add(victim.request_id)
+            assert_block_invariants(engine)
+    while engine.scheduler.has_unfinished:
+        engine.step()
+        assert_block_invariants(engine)
+    for seq in seqs:
+        if seq.request_id not in aborted:
+            assert seq.output_token_ids == expected_output(seq.prompt_token_ids, seq.params.max_tokens)
+    assert engine.blocks.num_free == 10 and engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.prefix_hit_tokens > 0 and aborted

@@ -40,6 +40,17 @@ def test_a_request_follows_its_prefix_to_the_replica_that_served_it():
     assert send(router, [a, b], prompt(2, tail=9)) is b
 
 
+def test_new_prefixes_spread_over_idle_replicas_and_then_stick():
+    """Requests one at a time (every replica idle): each new prefix goes to the replica holding the
+    fewest indexed blocks, and its later requests follow it."""
+    router = Router("prefix")
+    a, b = FakeReplica("a"), FakeReplica("b")
+    first = [send(router, [a, b], prompt(family)).name for family in range(4)]
+    assert first == ["a", "b", "a", "b"]
+    again = [send(router, [a, b], prompt(family, tail=1)).name for family in range(4)]
+    assert again == first
+
+
 def test_the_longest_match_wins():
     router = Router("prefix")
     a, b = FakeReplica("a"), FakeReplica("b")
