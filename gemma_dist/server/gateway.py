@@ -79,6 +79,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         self._ids = itertools.count()
         self._in_flight: dict[str, Replica] = {}  # request id → the replica streaming it (for Abort)
         self._sample_ids: dict[str, list[str]] = {}  # request id with n > 1 → its samples' ids
+        self._unstarted_aborts: set[str] = set()  # samples aborted before they started
 
     # ------------------------------------------------------------------ RPCs
 
@@ -169,12 +170,14 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
                                 f"request_ids: at most {MAX_ABORT_IDS}, got {len(request.request_ids)}")
         aborted = []
         for request_id in dict.fromkeys(request.request_ids):
-            found = False
+            found = request_id in self._sample_ids
             for sample_id in self._sample_ids.get(request_id, (request_id,)):
                 replica = self._in_flight.get(sample_id)
                 if replica is not None:
                     replica.abort(sample_id)
                     found = True
+                elif request_id in self._sample_ids:  # a sample not started yet: it never will
+                    self._unstarted_aborts.add(sample_id)
             if found:
                 aborted.append(request_id)
         return gemma_pb2.AbortResponse(aborted=aborted)
@@ -210,8 +213,10 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
 
     async def serve_samples(self, checked: CheckedRequest, deadline: float | None) -> AsyncIterator[tuple[RequestDelta, int]]:
         """(delta, sample index) of a checked request's n samples, merged in arrival order: n
-        requests for the same prompt (ids request_id-i, seed + i when seeded), which share its
-        cached blocks. The first failure ends them all."""
+        requests for the same prompt (ids request_id-i, seed + i when seeded). Sample 0 goes first;
+        the others start once it has its first token, so its prompt's full blocks are cached by then
+        and they share them (prefix caching) instead of computing the prompt n times. The first
+        failure ends them all."""
         if checked.n == 1:
             async for delta in self.serve(checked, deadline):
                 yield delta, 0
@@ -219,20 +224,33 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         samples = [_sample(checked, i) for i in range(checked.n)]
         self._sample_ids[checked.request_id] = [s.request_id for s in samples]
         queue: asyncio.Queue = asyncio.Queue()
+        prefilled = asyncio.Event()  # sample 0 has its first token (or ended)
 
         async def pump(index: int, sample: CheckedRequest) -> None:
             try:
+                if sample.request_id in self._unstarted_aborts:  # Abort came before it started
+                    self._unstarted_aborts.discard(sample.request_id)
+                    await queue.put((RequestDelta(sample.request_id, [], "", FinishReason.ABORTED, [],
+                                                  len(sample.prompt_token_ids or ()), 0), index))
+                    return
                 async for delta in self.serve(sample, deadline):
+                    prefilled.set()
                     await queue.put((delta, index))
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 await queue.put(e)
             finally:
+                prefilled.set()
                 await queue.put(None)
 
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(samples)]
+        async def the_rest() -> None:
+            await prefilled.wait()
+            tasks.extend(asyncio.ensure_future(pump(i, s)) for i, s in enumerate(samples) if i)
+
+        tasks = [asyncio.ensure_future(pump(0, samples[0]))]
+        starter = asyncio.ensure_future(the_rest())
         try:
             done = 0
-            while done < len(tasks):
+            while done < len(samples):
                 item = await queue.get()
                 if item is None:
                     done += 1
@@ -241,10 +259,11 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
                 else:
                     yield item
         finally:
-            self._sample_ids.pop(checked.request_id, None)
+            self._unstarted_aborts.difference_update(self._sample_ids.pop(checked.request_id, ()))
+            starter.cancel()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(starter, *tasks, return_exceptions=True)
 
     def check(self, request: gemma_pb2.GenerateRequest) -> CheckedRequest:
         """Validate a request and tokenize its text once, here (the ids travel to the replica);

@@ -6,9 +6,9 @@ GenerateRequest the gRPC front takes and goes through the same validation, admis
 routing, metrics and bearer token; errors use OpenAI's JSON shape with the matching HTTP status
 (400 naming the field, 401, 404 unknown model, 429 queue full, 503 no replica).
 
-`n` > 1 runs n samples for the same prompt (the gateway's serve_samples: seed + i when seeded),
-which share the prompt's cached K/V blocks through prefix caching. Structured output (`response_format` other than
-text), `echo`, `suffix`, `logit_bias` and several prompts per request are refused with a 400 that
+`n` > 1 runs n samples of the prompt (the gateway's serve_samples: seed + i when seeded; they
+share the prompt's cached K/V blocks). Structured output (`response_format` other than text),
+`echo`, `suffix`, `logit_bias` and several prompts per request are refused with a 400 that
 names the field. vLLM's extensions top_k, min_p, repetition_penalty and ignore_eos are accepted.
 """
 

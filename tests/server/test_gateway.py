@@ -14,7 +14,7 @@ from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.runtime.local import LocalReplica
 from gemma_dist.v1 import gemma_pb2
 from tests.helpers import assert_greedy_agrees, stable_prefix
-from tests.server.harness import running_gateway
+from tests.server.harness import running_gateway, wait_until
 
 GOLDEN = {c["kind"]: c for c in json.loads(
     (Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())["cases"]}
@@ -206,6 +206,11 @@ def test_abort_stops_a_request_in_flight_by_its_id(served, client):
     assert rest[-1].finish_reason == gemma_pb2.FINISH_REASON_ABORTED
     assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) < 500
     assert client.abort(["abort-me"]) == []  # done: nothing to stop
+
+    def freed():  # its blocks are back (read from the replicas' stats)
+        return all((s := r.stats()).running == 0 and s.free_blocks == s.total_blocks for r in replicas)
+
+    assert wait_until(freed)
     with pytest.raises(grpc.RpcError) as info:
         client.abort([f"id-{i}" for i in range(1001)])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("request_ids")

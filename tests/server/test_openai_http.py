@@ -99,6 +99,16 @@ def test_chat_completion_uses_the_chat_template(oai, grpc_client):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == expected.text
 
 
+def test_stop_strings_and_seeds_behave_as_over_grpc(oai, grpc_client):
+    expected = grpc_client.generate(PROMPT, temperature=0, max_tokens=16, stop=[","])
+    out = oai.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0, stop=",")
+    assert out.choices[0].text == expected.text and "," not in out.choices[0].text
+    assert out.choices[0].finish_reason == ("stop" if expected.finish_reason == 1 else "length")
+    seeded = dict(model="default", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=123)
+    assert oai.completions.create(**seeded).choices[0].text == grpc_client.generate(
+        PROMPT, temperature=1.0, max_tokens=8, seed=123).text
+
+
 def test_logprobs_match_the_grpc_ones(oai, grpc_client):
     expected = grpc_client.generate(PROMPT, temperature=0, max_tokens=4, logprobs=3)
     chat = oai.completions.create(model="default", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)

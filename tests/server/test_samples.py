@@ -15,7 +15,7 @@ from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.model import layers
 from gemma_dist.runtime.local import LocalReplica
 from gemma_dist.v1 import gemma_pb2
-from tests.server.harness import running_gateway
+from tests.server.harness import running_gateway, wait_until
 
 PROMPT = "Once upon a time"
 
@@ -93,3 +93,21 @@ def test_http_n_samples_match_grpc(served, client):
         for choice in chunk.choices:
             streamed[choice.index] = streamed.get(choice.index, "") + choice.text
     assert [streamed[i] for i in range(3)] == [c.text for c in choices]
+
+
+def test_samples_share_the_prompt_blocks_and_free_everything(served, client):
+    """n=4 on a prompt of several blocks: samples 1..3 start after sample 0's prefill and find
+    its full blocks cached (read from the replica's stats); every block is free at the end."""
+    server, replica = served
+    prompt = "A shared prompt for four samples. " + " ".join(f"word{i}" for i in range(50))
+    before = replica.stats().prefix_cache_hits
+    out = client.generate(prompt, temperature=1.0, max_tokens=5, seed=3, n=4, ignore_eos=True)
+    shared = (out.usage.prompt_tokens - 1) // 16 * 16
+    assert shared >= 48 and len(out.samples) == 4
+    assert replica.stats().prefix_cache_hits - before == 3 * shared
+
+    def idle():
+        s = replica.stats()
+        return s.running == 0 and s.waiting == 0 and s.free_blocks == s.total_blocks
+
+    assert wait_until(idle), replica.stats()
