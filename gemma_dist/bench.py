@@ -81,10 +81,12 @@ class Report:
 
     @property
     def ok(self) -> list[RequestResult]:
+        """The requests that succeeded."""
         return [r for r in self.results if r.error is None]
 
     @property
     def output_tokens(self) -> int:
+        """Tokens received, over every request."""
         return sum(r.tokens for r in self.results)
 
     @property
@@ -93,15 +95,19 @@ class Report:
         return self.output_tokens / self.wall
 
     def ttfts(self) -> list[float]:
+        """Seconds to each successful request's first token, ascending."""
         return sorted(r.first - r.start for r in self.ok if r.first is not None)
 
     def tpots(self) -> list[float]:
+        """Seconds per output token after the first, per successful request, ascending."""
         return sorted((r.end - r.first) / (r.tokens - 1) for r in self.ok if r.first is not None and r.tokens > 1)
 
     def latencies(self) -> list[float]:
+        """Seconds from send to last token, per successful request, ascending."""
         return sorted(r.end - r.start for r in self.ok)
 
     def failures(self) -> dict[str, int]:
+        """Failed requests by status."""
         out: dict[str, int] = {}
         for r in self.results:
             if r.error is not None:

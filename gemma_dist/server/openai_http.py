@@ -349,6 +349,7 @@ class Reply:
         return i
 
     def usage(self) -> dict:
+        """OpenAI's usage object, over every choice."""
         completion = sum(self.completion_tokens)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
