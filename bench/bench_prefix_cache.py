@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import prompts  # noqa: E402
-from bench.bench_serving import free_port, percentile, start_server, stop_server  # noqa: E402
+from bench.bench_serving import free_port, start_server, stop_server  # noqa: E402
+from gemma_dist.bench import percentile  # noqa: E402
 
 
 def ttft_and_tokens(target: str, prompt: list[int], output_len: int) -> tuple[float, list[int]]:

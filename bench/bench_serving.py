@@ -28,17 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import prompts, transformers_throughput  # noqa: E402
 from gemma_dist import LLM, SamplingParams  # noqa: E402
+from gemma_dist.bench import percentile  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def random_gemma3_1b(directory: Path, tokenizer: Path | None = None, device: str = "cpu") -> Path:

@@ -135,9 +135,10 @@ class Report:
         return "\n".join(lines)
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of an ascending list."""
-    return sorted_values[min(len(sorted_values) - 1, max(0, int(round(q / 100 * (len(sorted_values) - 1)))))]
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))]
 
 
 async def _run(workload: Workload, concurrency: int, one: Callable[[int], Awaitable[RequestResult]],

@@ -232,10 +232,15 @@ class Scheduler:
         if not self.blocks.caching or seq.num_cached or seq.block_table:
             return []
         usable = seq.num_known_tokens - 1
+        return self.blocks.cached_prefix(self._block_keys(seq, usable)[:usable // self.blocks.block_size])
+
+    def _block_keys(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """seq's prefix-cache keys, covering at least the full blocks of its first `num_tokens`
+        tokens (extended in place on seq: each is computed once)."""
         keys = seq.block_keys
-        if len(keys) < usable // self.blocks.block_size:
-            chain_keys(seq.all_token_ids, self.blocks.block_size, keys, usable)
-        return self.blocks.cached_prefix(keys[:usable // self.blocks.block_size])
+        if len(keys) < num_tokens // self.blocks.block_size:  # (all_token_ids copies the tokens: only when needed)
+            chain_keys(seq.all_token_ids, self.blocks.block_size, keys, num_tokens)
+        return keys
 
     def _take_cached(self, seq: Sequence, hits: list[int]) -> None:
         """Make seq (admitted with nothing computed) share `hits` as its first blocks, their tokens
@@ -251,9 +256,7 @@ class Scheduler:
         full = min(seq.num_cached, seq.num_known_tokens) // self.blocks.block_size
         if seq.registered_blocks >= full:
             return
-        keys = seq.block_keys
-        if len(keys) < full:
-            chain_keys(seq.all_token_ids, self.blocks.block_size, keys, full * self.blocks.block_size)
+        keys = self._block_keys(seq, full * self.blocks.block_size)
         for index in range(seq.registered_blocks, full):
             self.blocks.register(keys[index], seq.block_table[index])
         seq.registered_blocks = full

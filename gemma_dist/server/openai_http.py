@@ -72,11 +72,14 @@ class HttpError(Exception):
             message = f"{param}: {rest}"
         return cls(_STATUS.get(error.code, 500), message, param)
 
+    def body(self) -> dict:
+        """OpenAI's error object (a response's body, or a stream's error event)."""
+        return {"error": {"message": self.message, "type": _ERROR_TYPE.get(self.status, "server_error"),
+                          "param": self.param, "code": None}}
+
     def response(self) -> JSONResponse:
         """The error as OpenAI returns it."""
-        body = {"error": {"message": self.message, "type": _ERROR_TYPE.get(self.status, "server_error"),
-                          "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 # ---------------------------------------------------------------------------------- request → proto
@@ -102,21 +105,15 @@ def _sampling(body: dict, chat: bool) -> gemma_pb2.SamplingParams:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     if max_tokens is not None:
         sampling.max_tokens = max_tokens
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+    # OpenAI's numbers, then the extensions vLLM's OpenAI server also takes (min_p, repetition_penalty).
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"):
         value = _typed(body, name, (int, float), "a number")
         if value is not None:
             setattr(sampling, name, float(value))
-    seed = _typed(body, "seed", (int,), "an integer")
-    if seed is not None:
-        sampling.seed = seed
-    # Extensions vLLM's OpenAI server also takes.
-    top_k = _typed(body, "top_k", (int,), "an integer")
-    if top_k is not None:
-        sampling.top_k = top_k
-    for name in ("min_p", "repetition_penalty"):
-        value = _typed(body, name, (int, float), "a number")
+    for name in ("seed", "top_k"):  # top_k: vLLM's extension
+        value = _typed(body, name, (int,), "an integer")
         if value is not None:
-            setattr(sampling, name, float(value))
+            setattr(sampling, name, value)
     sampling.ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "true or false"))
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -338,15 +335,14 @@ class Reply:
         self.prompt_tokens = 0
         self.completion_tokens = [0] * n
 
-    def add(self, delta: RequestDelta, i: int) -> int:
-        """Account one delta of choice `i`; returns i."""
+    def add(self, delta: RequestDelta, i: int) -> None:
+        """Account one delta of choice `i`."""
         self.texts[i] += delta.text
         self.token_logprobs[i] += delta.logprobs
         self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens[i] = delta.completion_tokens
         if delta.finish_reason is not None:
             self.finish[i] = _FINISH[delta.finish_reason]
-        return i
 
     def usage(self) -> dict:
         """OpenAI's usage object, over every choice."""
@@ -382,19 +378,16 @@ class Reply:
                 yield _event({"id": self.id, "object": self._chunk_object(), "created": self.created,
                               "model": self.model, "choices": [], "usage": self.usage()})
         except ServeError as e:
-            error = HttpError.of(e)
-            yield _event({"error": {"message": error.message, "type": _ERROR_TYPE.get(error.status, "server_error"),
-                                    "param": error.param, "code": None}})
+            yield _event(HttpError.of(e).body())
         finally:
             await pairs.aclose()  # a client that went away aborts its requests in their replicas
         yield "data: [DONE]\n\n"
 
     def _delta_event(self, delta: RequestDelta, index: int) -> str:
-        i = self.add(delta, index)
+        self.add(delta, index)
         logprobs = self._logprobs(delta.logprobs) if self.logprobs else None
         content = {"content": delta.text} if self.chat else delta.text
-        finish = _FINISH[delta.finish_reason] if delta.finish_reason is not None else None
-        return _event(self._chunk(i, content, logprobs, finish))
+        return _event(self._chunk(index, content, logprobs, self.finish[index]))
 
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
