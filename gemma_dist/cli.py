@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                        help="compute every prompt in full (by default, prompts that start like an earlier one "
                             "reuse its cached K/V blocks)")
+    serve.add_argument("--no-window-pool", dest="kv_window_pool", action="store_false",
+                       help="keep every layer's K/V for the whole context (by default sliding-window layers of "
+                            "Gemma 2/3 give back the KV blocks their window has left, so long contexts fit "
+                            "several times more sequences in the same --kv-cache-memory)")
     serve.add_argument("--batch-invariant", action="store_true",
                        help="make outputs bitwise independent of batching (slower for lone requests)")
     serve.add_argument("--dry-run", action="store_true",

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from gemma_dist.engine.buckets import pick
-from gemma_dist.model.attention import AttentionMetadata, KernelInputs
+from gemma_dist.model.attention import AttentionMetadata, KernelInputs, table_rows
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -33,15 +33,16 @@ class DecodeGraphs:
         self.block_size = block_size
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_blocks = math.ceil(max_model_len / block_size)
-        self.scratch_block = scratch_block
+        self.scratch_block = scratch_block  # a page past the real cache: padded rows write there
+        self.groups = max(getattr(kv_cache, "layer_group", (0,))) + 1  # block tables per sequence
         self.capture = capture
         device = next(model.parameters()).device
         rows = self.batch_sizes[-1]
         self.ids = torch.zeros(rows, dtype=torch.int64, device=device)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
         self.positions32 = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.slots = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=device)
+        self.slots = torch.zeros(self.groups, rows, dtype=torch.int64, device=device)
+        self.tables = torch.zeros(self.groups, rows, self.max_blocks, dtype=torch.int32, device=device)
         self.rows = torch.arange(rows, dtype=torch.int64, device=device)
         self.token_seq = torch.arange(rows, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -71,10 +72,10 @@ class DecodeGraphs:
         ids[:n] = step.host_input_ids
         padded_positions = torch.zeros(batch, dtype=torch.int64)
         padded_positions[:n] = positions
-        slots = torch.full((batch,), self.scratch_block * bs, dtype=torch.int64)
-        slots[:n] = step.tables[torch.arange(n), positions // bs] * bs + positions % bs  # host-side: no sync
-        tables = torch.full((batch, width), self.scratch_block, dtype=torch.int32)
-        tables[:n] = step.tables[:, :width].to(torch.int32)
+        slots = torch.full((self.groups, batch), self.scratch_block * bs, dtype=torch.int64)
+        slots[:, :n] = step.tables[:, torch.arange(n), positions // bs] * bs + positions % bs  # host-side: no sync
+        tables = torch.full((self.groups, batch, width), self.scratch_block, dtype=torch.int32)
+        tables[:, :n] = step.tables[:, :, :width].to(torch.int32)
         self._copy_in(ids, padded_positions, slots, tables, batch, width)
         if self.capture:
             self._graphs[batch].replay()
@@ -99,15 +100,16 @@ class DecodeGraphs:
         width = max((s.num_cached // bs + 1 for s in steps), default=1)
         ids = torch.zeros(batch, dtype=torch.int64)
         positions = torch.zeros(batch, dtype=torch.int64)
-        slots = torch.full((batch,), self.scratch_block * bs, dtype=torch.int64)
-        tables = torch.full((batch, width), self.scratch_block, dtype=torch.int32)
+        slots = torch.full((self.groups, batch), self.scratch_block * bs, dtype=torch.int64)
+        tables = torch.full((self.groups, batch, width), self.scratch_block, dtype=torch.int32)
         for row, step in enumerate(steps):
             pos = step.num_cached
             ids[row] = step.token_ids[0]
             positions[row] = pos
-            slots[row] = step.block_table[pos // bs] * bs + pos % bs
+            pages = torch.tensor(table_rows(step.block_table, self.groups), dtype=torch.int64)  # (G, blocks)
+            slots[:, row] = pages[:, pos // bs] * bs + pos % bs
             used = min(len(step.block_table), width)
-            tables[row, :used] = torch.tensor(step.block_table[:used], dtype=torch.int32)
+            tables[:, row, :used] = pages[:, :used].to(torch.int32)
         self._copy_in(ids, positions, slots, tables, batch, width)
 
     def _copy_in(self, ids, positions, slots, tables, batch: int, width: int) -> None:
@@ -115,14 +117,14 @@ class DecodeGraphs:
         self.ids[:batch].copy_(ids, non_blocking=True)
         self.positions[:batch].copy_(positions, non_blocking=True)
         self.positions32[:batch].copy_(positions.to(torch.int32), non_blocking=True)
-        self.slots[:batch].copy_(slots, non_blocking=True)
-        self.tables[:batch, :width].copy_(tables, non_blocking=True)
+        self.slots[:, :batch].copy_(slots, non_blocking=True)
+        self.tables[:, :batch, :width].copy_(tables, non_blocking=True)
 
     def _forward(self, batch: int) -> torch.Tensor:
         """The decode step over the first `batch` rows of the static buffers → (batch, vocab) logits."""
-        kernel = KernelInputs(self.token_seq[:batch], self.tables[:batch], self.positions32[:batch],
+        kernel = KernelInputs(self.token_seq[:batch], self.tables[:, :batch], self.positions32[:batch],
                               self.model.config.sliding_window)
-        meta = AttentionMetadata(self.slots[:batch], [], None, self.rows[:batch], kernel)
+        meta = AttentionMetadata(self.slots[:, :batch], [], None, self.rows[:batch], kernel)
         hidden = self.model(self.ids[:batch], self.positions[:batch], self.kv_cache, meta)
         return self.model.compute_logits(hidden)
 

@@ -27,7 +27,7 @@ from typing import AsyncIterator, Callable, Mapping, Sequence as Seq
 
 import torch
 
-from gemma_dist.config import default_dtype
+from gemma_dist.config import KVLayout, default_dtype
 from gemma_dist.engine.block_manager import BlockManager
 from gemma_dist.engine.model_runner import ModelRunner, kv_bytes_per_token
 from gemma_dist.engine.persistent_batch import PlanRunner
@@ -53,6 +53,7 @@ class EngineConfig:
     max_model_len: int | None = None  # longest prompt + output per request (None: the model's context)
     prepack_weights: bool = True  # fp32 CPU weights also kept prepacked for oneDNN (faster; ~2x weight memory)
     prefix_caching: bool = True  # reuse the K/V of full blocks of prompts seen before (block_manager)
+    kv_window_pool: bool = True  # sliding-window layers keep only their window's KV blocks (config.KVLayout)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -141,8 +142,8 @@ class EngineStats:
 
     waiting: int
     running: int
-    free_blocks: int
-    total_blocks: int
+    free_blocks: int  # KV pages no request holds (a page: one block of positions of one layer group)
+    total_blocks: int  # KV pages in the cache (kv_groups per block of positions for every layer)
     block_size: int
     preemptions: int
     times: dict[str, float] = dataclasses.field(default_factory=dict)  # cumulative seconds per step phase
@@ -150,6 +151,9 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of those, tokens whose K/V were found cached, not computed (cumulative)
     cached_blocks: int = 0  # blocks registered in the prefix cache now (owned or reusable)
+    kv_groups: int = 1  # layer groups of the KV layout: pages per block of positions (config.KVLayout)
+    global_pages_used: int = 0  # pages held now by full-attention layers' block tables
+    local_pages_used: int = 0  # pages held now by sliding-window layers' tables (their windows only)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -158,8 +162,9 @@ class EngineStats:
 
     @property
     def max_concurrent_tokens(self) -> int:
-        """Tokens the KV cache holds across all requests."""
-        return self.total_blocks * self.block_size
+        """Tokens the KV cache holds across all requests at short contexts (longer ones hold more:
+        sliding-window layers keep only their window)."""
+        return self.total_blocks // self.kv_groups * self.block_size
 
 
 @dataclasses.dataclass
@@ -237,7 +242,8 @@ class LLMEngine:
         # Gemma 3 4b+ embeddings have more rows (262,208) than the tokenizer has pieces: never sample those.
         runner = ModelRunner(model, num_blocks, config.block_size, Sampler(config.seed),
                              vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size),
-                             max_model_len=config.max_model_len, prepack=config.prepack_weights)
+                             max_model_len=config.max_model_len, prepack=config.prepack_weights,
+                             window_pool=config.kv_window_pool)
         self._setup(model.config, tokenizer, config, runner, num_blocks)
         self.model = model
 
@@ -263,7 +269,14 @@ class LLMEngine:
         self.model_config = model_config
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
-        self.blocks = BlockManager(num_blocks, config.block_size, caching=config.prefix_caching)
+        layout = KVLayout.of(model_config, config.kv_window_pool)
+        groups = getattr(runner, "kv_groups", layout.num_groups)
+        if groups != layout.num_groups:
+            raise ValueError(f"the runner's KV cache has {groups} layer groups, the engine's layout "
+                             f"{layout.num_groups} (kv_window_pool must match)")
+        # num_blocks blocks of positions for every layer = num_blocks x G pages of one group each.
+        self.blocks = BlockManager(num_blocks * layout.num_groups, config.block_size, caching=config.prefix_caching,
+                                   group_local=layout.group_local, sliding_window=layout.sliding_window)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         self.runner = runner
         self._requests: dict[str, _Request] = {}
@@ -369,10 +382,12 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """Current counters."""
-        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.num_free,
-                           self.blocks.num_blocks, self.blocks.block_size, self.scheduler.num_preemptions,
+        blocks = self.blocks
+        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running), blocks.num_free,
+                           blocks.num_blocks, blocks.block_size, self.scheduler.num_preemptions,
                            self.times.as_dict(), self.times.steps, self.scheduler.prefix_queried_tokens,
-                           self.scheduler.prefix_hit_tokens, self.blocks.num_cached)
+                           self.scheduler.prefix_hit_tokens, blocks.num_cached, blocks.num_groups,
+                           blocks.owned_global, blocks.owned_local)
 
     # ------------------------------------------------------------------ the step
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from gemma_dist.config import KVLayout
 from gemma_dist.model.attention import allocate_kv_cache, build_attention_metadata, positions_of
 from gemma_dist.model.gemma import GemmaForCausalLM
 from gemma_dist.model.layers import set_cpu_kernels
@@ -28,7 +29,7 @@ class StepInput:
 
     token_ids: list[int]  # new tokens whose K/V are computed this step
     num_cached: int  # tokens of this sequence already in the cache (positions start here)
-    block_table: list[int]  # cache blocks covering num_cached + len(token_ids) positions
+    block_table: list  # entries covering num_cached + len(token_ids) positions (attention.table_rows)
     sampling: SamplingRow | None  # sample a next token after the last new token; None = don't
     request_id: str | None = None  # whose tokens these are (remote runners keep per-request state)
 
@@ -56,17 +57,24 @@ class ModelRunner:
 
     def __init__(self, model: GemmaForCausalLM, num_blocks: int, block_size: int,
                  sampler: Sampler | None = None, vocab_limit: int | None = None, attention: str = "auto",
-                 decode_graphs: bool | None = None, max_model_len: int | None = None, prepack: bool = True):
+                 decode_graphs: bool | None = None, max_model_len: int | None = None, prepack: bool = True,
+                 window_pool: bool = True):
         """attention: "gather" (batched matmuls over gathered keys; CPU default), "kernel" (the
         fused Triton kernel reading the paged cache; CUDA default) or "auto". decode_graphs:
         replay CUDA graphs for decode-only steps (default: on CUDA with the kernel); on CPU it
         runs the same static-buffer path uncaptured (tests). max_model_len bounds the graphs'
         block tables (default: the model's context). prepack: fp32 CPU weights get a oneDNN-packed
-        copy (faster GEMMs for the price of the weights' memory once more; layers.PackedFp32)."""
+        copy (faster GEMMs for the price of the weights' memory once more; layers.PackedFp32).
+        num_blocks: blocks of positions for all layers the cache's memory holds; with `window_pool`
+        (a model with LOCAL layers) that memory is num_blocks x G pages of one layer group each
+        (gemma_dist.config.KVLayout), so LOCAL layers can give back what their window left."""
         self.model = model
         self.vocab_limit = vocab_limit  # ids at or above it are never sampled (no tokenizer piece)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.kv_layout = KVLayout.of(model.config, window_pool)
+        self.kv_groups = self.kv_layout.num_groups  # block tables per sequence
+        self.num_pages = num_blocks * self.kv_groups  # what the engine's BlockManager hands out
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.attention = _resolve_attention(attention, self.device, block_size)
@@ -79,9 +87,10 @@ class ModelRunner:
         if decode_graphs and self.attention != "kernel":
             raise ValueError("decode graphs need attention='kernel'")
         c = model.config
-        # Decode graphs pad rows into one scratch block past the real cache.
-        self.kv_cache = allocate_kv_cache(c.num_layers, num_blocks + int(decode_graphs), block_size,
-                                          model.num_kv_heads_per_rank, c.head_dim, dtype, self.device)
+        # Decode graphs pad rows into one scratch page past the real cache.
+        self.kv_cache = allocate_kv_cache(c.num_layers, self.num_pages + int(decode_graphs), block_size,
+                                          model.num_kv_heads_per_rank, c.head_dim, dtype, self.device,
+                                          self.kv_layout)
         self.sampler = sampler or Sampler()
         self.kernel_layers = set_cpu_kernels(model, prepack=prepack)  # layers with a CPU kernel
         self._logits: torch.Tensor | None = None  # the LM head's reused output buffer (CPU; _logits_buffer)
@@ -90,7 +99,7 @@ class ModelRunner:
             from gemma_dist.engine.cuda_graphs import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(model, self.kv_cache, block_size,
-                                              max_model_len or c.max_position_embeddings, num_blocks,
+                                              max_model_len or c.max_position_embeddings, self.num_pages,
                                               capture=on_cuda)
 
     @torch.inference_mode()
@@ -210,7 +219,7 @@ class ModelRunner:
         cached = [s.num_cached for s in steps]
         meta = build_attention_metadata(query_lens, cached, [s.block_table for s in steps], self.block_size,
                                         self.model.config.sliding_window, self.device,
-                                        use_kernel=self.attention == "kernel")
+                                        use_kernel=self.attention == "kernel", groups=self.kv_groups)
         ids = torch.tensor([t for s in steps for t in s.token_ids], dtype=torch.int64, device=self.device)
         hidden = self.model(ids, positions_of(query_lens, cached, self.device), self.kv_cache, meta)
         return hidden, meta

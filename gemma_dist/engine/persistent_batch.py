@@ -6,6 +6,8 @@ prompt chunks), its sampling parameters and, where it samples, its seeded genera
 (slots, blocks) tensor of block tables. A `StepPlan` changes only what moved (see
 gemma_dist.engine.step_plan), and `prepare` builds the step's inputs with vectorized ops over
 that tensor, so the host work of a step grows with its rows, not with their context length.
+With a sliding-window pool (G layer groups) a table entry is a page per group: the tensor is
+(G, slots, blocks), and a LOCAL group's entries the window left are never read again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import torch
 
 from gemma_dist.engine.step_plan import StepPlan
-from gemma_dist.model.attention import AttentionMetadata, metadata_from_tables, positions_of
+from gemma_dist.model.attention import AttentionMetadata, metadata_from_tables, positions_of, table_rows
 from gemma_dist.sampling import SampleResult, SamplingParams, SamplingRow, make_generator
 
 
@@ -60,7 +62,7 @@ class PreparedStep:
     sampling: list[SamplingRow]  # one per sampling row, in row order
     sample_rows: list[int]  # which rows sample (indices into the plan's rows)
     num_cached: list[int]  # per row (CUDA-graph decode reads these)
-    tables: torch.Tensor  # (B, W) int64 CPU block tables of the step's rows
+    tables: torch.Tensor  # (G, B, W) int64 CPU block tables (page ids per layer group) of the step's rows
 
 
 @dataclasses.dataclass
@@ -75,13 +77,15 @@ class StepTimes:
 class PersistentBatch:
     """Requests in flight on one runner, numbered by slot; updated in place by StepPlans."""
 
-    def __init__(self, block_size: int, samples: bool = True):
+    def __init__(self, block_size: int, samples: bool = True, groups: int = 1):
         """samples: this runner picks tokens (rank 0, or in-process), so seeded requests get
-        their generator here, created once and kept across preemptions."""
+        their generator here, created once and kept across preemptions. groups: layer groups
+        of the KV layout (page ids per table entry)."""
         self.block_size = block_size
         self.samples = samples
+        self.groups = groups
         self.rows: list[_Row | None] = []
-        self.tables = torch.zeros((16, 16), dtype=torch.int64)  # (capacity, width); grows by doubling
+        self.tables = torch.zeros((groups, 16, 16), dtype=torch.int64)  # (G, capacity, width); grows by doubling
 
     def apply(self, plan: StepPlan) -> None:
         """Bring the batch up to date with the plan's changes."""
@@ -104,8 +108,9 @@ class PersistentBatch:
             if samples:
                 rows[slot].output.append(next(tokens))
 
-    def _write_blocks(self, updates: list[tuple[int, int, list[int]]]) -> None:
-        """Append blocks to table rows with one scatter."""
+    def _write_blocks(self, updates: list[tuple[int, int, list]]) -> None:
+        """Append entries (a page per group, or a block id: attention.table_rows) to table rows
+        with one scatter."""
         flat_rows, flat_cols, values = [], [], []
         widest = 0
         for slot, index, blocks in updates:
@@ -116,20 +121,23 @@ class PersistentBatch:
             self.rows[slot].num_blocks = end
             widest = max(widest, end)
         self._ensure_width(widest)
-        self.tables[flat_rows, flat_cols] = torch.tensor(values, dtype=torch.int64)
+        pages = torch.tensor(table_rows(values, self.groups), dtype=torch.int64)  # (G, n)
+        self.tables[:, flat_rows, flat_cols] = pages
 
     def _ensure_rows(self, count: int) -> None:
         if len(self.rows) < count:
             self.rows.extend([None] * (count - len(self.rows)))
-        if self.tables.shape[0] < count:
-            grown = torch.zeros((max(count, 2 * self.tables.shape[0]), self.tables.shape[1]), dtype=torch.int64)
-            grown[: self.tables.shape[0]] = self.tables
+        groups, capacity, width = self.tables.shape
+        if capacity < count:
+            grown = torch.zeros((groups, max(count, 2 * capacity), width), dtype=torch.int64)
+            grown[:, :capacity] = self.tables
             self.tables = grown
 
     def _ensure_width(self, width: int) -> None:
-        if self.tables.shape[1] < width:
-            grown = torch.zeros((self.tables.shape[0], max(width, 2 * self.tables.shape[1])), dtype=torch.int64)
-            grown[:, : self.tables.shape[1]] = self.tables
+        groups, capacity, known = self.tables.shape
+        if known < width:
+            grown = torch.zeros((groups, capacity, max(width, 2 * known)), dtype=torch.int64)
+            grown[:, :, :known] = self.tables
             self.tables = grown
 
     def prepare(self, plan: StepPlan, device: torch.device, use_kernel: bool = False,
@@ -149,7 +157,7 @@ class PersistentBatch:
                 ids.extend(row.tokens(cached, cached + n))
             width = max(width, (cached + n - 1) // bs + 1)
         slots = torch.tensor(plan.slots, dtype=torch.int64)
-        tables = self.tables[:, :width].index_select(0, slots)  # (B, W)
+        tables = self.tables[:, :, :width].index_select(1, slots)  # (G, B, W)
         positions = positions_of(plan.num_tokens, plan.num_cached)  # (T,) on the host
         meta = metadata_from_tables(plan.num_tokens, plan.num_cached, tables, bs, sliding_window, device, use_kernel,
                                     positions)
@@ -169,7 +177,7 @@ class PersistentBatch:
         for slot, cached, n, samples in zip(plan.slots, plan.num_cached, plan.num_tokens, plan.samples):
             row = self.rows[slot]
             sampling = SamplingRow(row.params, row.prompt, row.output, row.generator) if samples else None
-            table = self.tables[slot, : row.num_blocks].tolist()
+            table = [tuple(entry) for entry in self.tables[:, slot, : row.num_blocks].t().tolist()]
             inputs.append(StepInput(row.tokens(cached, cached + n), cached, table, sampling, row.request_id))
         return inputs
 
@@ -182,7 +190,7 @@ class PlanRunner:
         """samples: this runner returns tokens (False on tensor-parallel ranks other than 0)."""
         self.runner = runner
         self.samples = samples
-        self.batch = PersistentBatch(runner.block_size, samples)
+        self.batch = PersistentBatch(runner.block_size, samples, getattr(runner, "kv_groups", 1))
 
     def execute_plan(self, plan: StepPlan) -> SampleResult | None:
         """Apply the plan and run its rows; tokens for its sampling rows (None where this

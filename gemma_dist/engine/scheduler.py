@@ -8,7 +8,8 @@ Plain Python (no torch). Every step:
 3. waiting sequences are admitted in arrival order while the token budget, the sequence
    limit and free blocks allow; a long prompt takes only a chunk per step, so the decoding
    streams never stall behind it.
-Finished and aborted sequences release their blocks at once.
+Finished and aborted sequences release their blocks at once. With a sliding-window pool, a
+sequence's LOCAL layers give back each block their window has left after every step.
 
 With prefix caching (the block manager's `caching`), a sequence being admitted first takes the
 longest run of its prompt's leading full blocks that the cache holds (at least its last token is
@@ -125,9 +126,12 @@ class Scheduler:
         """Queue a new sequence; all it may ever hold must fit the cache alone, or it could hang."""
         # The last token fed to the model sits at position prompt + max_tokens - 2.
         needed = min(seq.num_tokens + seq.params.max_tokens - 1, seq.max_context)
-        if self.blocks.blocks_for(needed) > self.blocks.num_blocks:
-            raise ValueError(f"request {seq.request_id} may need {needed} tokens of KV cache; "
-                             f"the cache holds {self.blocks.num_blocks * self.blocks.block_size}")
+        pages = self.blocks.pages_to_hold(needed, self.config.max_num_batched_tokens)
+        if pages > self.blocks.num_blocks:
+            holds = self.blocks.num_blocks // self.blocks.num_groups * self.blocks.block_size
+            detail = f" ({pages} pages; the cache has {self.blocks.num_blocks})" if self.blocks.num_groups > 1 else ""
+            raise ValueError(f"request {seq.request_id} may need {needed} tokens of KV cache{detail}; "
+                             f"the cache holds {holds}")
         self.waiting.append(seq)
 
     def abort(self, request_id: str, seq: Sequence | None = None) -> Sequence | None:
@@ -209,11 +213,11 @@ class Scheduler:
             hits = self._cached_prefix(seq)  # blocks it may share instead of computing (their K/V are there)
             start = max(seq.num_cached, len(hits) * self.blocks.block_size)
             chunk = min(seq.num_tokens - start, budget)
-            # Blocks taken from the free pool: new ones, plus cached ones nobody owns right now.
-            needed = (self.blocks.blocks_for(start + chunk) - len(hits) - len(seq.block_table)
-                      + self.blocks.unowned(hits))
+            # Pages taken from the free pool: new ones, plus cached ones nobody owns right now.
+            new_blocks = self.blocks.blocks_for(start + chunk) - len(hits) - len(seq.block_table)
+            needed = new_blocks * self.blocks.num_groups + self.blocks.unowned(hits)
             # Keep one free block per running sequence so admissions don't force preemptions.
-            reserve = len(self.running)
+            reserve = len(self.running) * self.blocks.num_groups
             if needed + reserve > self.blocks.num_free:
                 if self.running or needed > self.blocks.num_free:
                     break
@@ -248,6 +252,7 @@ class Scheduler:
         seq.block_table.extend(self.blocks.share(hits))
         seq.registered_blocks = len(hits)
         seq.num_cached = len(hits) * self.blocks.block_size
+        seq.window_freed = self.blocks.window_start(seq.num_cached)  # LOCAL pages before it were not shared
         self.prefix_queried_tokens += seq.num_known_tokens - 1
         self.prefix_hit_tokens += seq.num_cached
 
@@ -279,15 +284,20 @@ class Scheduler:
         """Free seq's blocks and queue it first in line; it resumes by recomputing its tokens."""
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
-        seq.num_cached = seq.registered_blocks = 0
+        seq.num_cached = seq.registered_blocks = seq.window_freed = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def on_step_done(self, out: SchedulerOutput) -> None:
-        """Record that the planned tokens' K/V are now cached."""
-        caching, block_size = self.blocks.caching, self.blocks.block_size
+        """Record that the planned tokens' K/V are now cached; LOCAL layers' pages that no later
+        query can read go back to the pool (steps run in order, so the step already planned on top
+        of this one reads only blocks inside its window: none of these)."""
+        blocks = self.blocks
+        caching, block_size, windowed = blocks.caching, blocks.block_size, blocks.sliding_window is not None
         for item in out.scheduled:
             seq = item.seq
             seq.num_cached += item.num_tokens
             if caching and seq.num_cached >= (seq.registered_blocks + 1) * block_size:  # a block filled up
                 self._register_full_blocks(seq)
+            if windowed and seq.block_table:
+                seq.window_freed = blocks.free_outside_window(seq.block_table, seq.window_freed, seq.num_cached)

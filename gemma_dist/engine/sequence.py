@@ -31,7 +31,9 @@ class Sequence:
     prompt: str | None = None  # the prompt text, when the request gave one
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[Any] = dataclasses.field(default_factory=list)  # TokenLogprob per output token
-    block_table: list[int] = dataclasses.field(default_factory=list)  # KV blocks, in position order
+    # Per block of positions: a KV page per layer group (block_manager.Entry).
+    block_table: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    window_freed: int = 0  # leading block_table entries whose LOCAL groups' pages went back (left the window)
     num_cached: int = 0  # tokens whose K/V are already in the cache
     text: str = ""  # detokenized output, stop string removed
     finish_reason: FinishReason | None = None

@@ -25,10 +25,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from gemma_dist.config import KVLayout
 from gemma_dist.engine.buckets import GraphShape, ShapeBuckets
 from gemma_dist.engine.llm_engine import kv_cache_bytes
 from gemma_dist.engine.model_runner import StepInput, kv_bytes_per_token, sample_rows
-from gemma_dist.model.attention import AttentionGroup, AttentionMetadata, KeyView, allocate_kv_cache
+from gemma_dist.model.attention import AttentionGroup, AttentionMetadata, KeyView, allocate_kv_cache, table_rows
 from gemma_dist.model.gemma import GemmaForCausalLM
 from gemma_dist.model.layers import ParallelContext
 from gemma_dist.sampling import SampleResult, Sampler
@@ -88,7 +89,9 @@ class XlaModelRunner:
     """Owns the sharded model and paged KV cache on the XLA device; executes padded steps."""
 
     def __init__(self, model: GemmaForCausalLM, num_blocks: int, buckets: ShapeBuckets,
-                 sampler: Sampler | None = None, vocab_limit: int | None = None):
+                 sampler: Sampler | None = None, vocab_limit: int | None = None, window_pool: bool = True):
+        """num_blocks: blocks of positions for all layers; the cache holds num_blocks x G pages of
+        one layer group each (gemma_dist.config.KVLayout; window_pool=False: one group)."""
         import torch_xla.distributed.spmd as xs
 
         self.device = init_xla()
@@ -105,11 +108,14 @@ class XlaModelRunner:
         self._shard_weights(xs)
         self.block_size = buckets.block_size
         self.num_blocks = num_blocks
+        self.kv_layout = KVLayout.of(model.config, window_pool)
+        self.kv_groups = self.kv_layout.num_groups  # block tables per sequence
+        self.num_pages = num_blocks * self.kv_groups
         self.buckets = buckets
         self.sampler = sampler or Sampler()
         self.vocab_limit = vocab_limit
-        self.scratch_block = num_blocks  # one block past the real cache: padded rows write here
-        self.kv_cache = self._allocate_cache(xs, num_blocks + 1)
+        self.scratch_block = self.num_pages  # one page past the real cache: padded rows write here
+        self.kv_cache = self._allocate_cache(xs, self.num_pages + 1)
         # Materialize weights and cache now, so the first step's graph is a plain step graph.
         import torch_xla
 
@@ -134,7 +140,7 @@ class XlaModelRunner:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds no block of {per_block} bytes")
         runner = cls(model, num_blocks, buckets, Sampler(config.seed),
-                     vocab_limit=min(tokenizer_vocab, model.config.vocab_size))
+                     vocab_limit=min(tokenizer_vocab, model.config.vocab_size), window_pool=config.kv_window_pool)
         if warm_up:
             runner.warm_up()
         return runner
@@ -151,15 +157,15 @@ class XlaModelRunner:
                 spec = tuple("model" if d == dim else None for d in range(module.weight.dim()))
                 xs.mark_sharding(module.weight, self.mesh, spec)
 
-    def _allocate_cache(self, xs, blocks: int):
-        """Per layer (k, v): (blocks, block_size, kv heads, head_dim), heads split over the mesh."""
+    def _allocate_cache(self, xs, pages: int):
+        """Per layer (k, v): (pages, block_size, kv heads, head_dim), heads split over the mesh
+        (layers of one slot of the KV layout share their tensors)."""
         c = self.model.config
-        cache = allocate_kv_cache(c.num_layers, blocks, self.block_size, self.model.num_kv_heads_per_rank,
-                                  c.head_dim, next(self.model.parameters()).dtype, self.device)
+        cache = allocate_kv_cache(c.num_layers, pages, self.block_size, self.model.num_kv_heads_per_rank,
+                                  c.head_dim, next(self.model.parameters()).dtype, self.device, self.kv_layout)
         if self.tp > 1:
-            for pair in cache:
-                for t in pair:
-                    xs.mark_sharding(t, self.mesh, (None, None, "model", None))
+            for t in {id(t): t for pair in cache for t in pair}.values():
+                xs.mark_sharding(t, self.mesh, (None, None, "model", None))
         return cache
 
     @torch.no_grad()  # torch_xla does not support inference tensors
@@ -171,7 +177,7 @@ class XlaModelRunner:
         before, start = compile_count(), time.perf_counter()
         shapes = self.buckets.graph_shapes()
         for shape in shapes:
-            self._run(_PaddedCall(shape, self.block_size, self.scratch_block))
+            self._run(_PaddedCall(shape, self.block_size, self.scratch_block, self.kv_groups))
         compiled = compile_count() - before
         log.info("XLA warm-up: %d shapes, %d graphs compiled in %.1fs", len(shapes), compiled,
                  time.perf_counter() - start)
@@ -218,7 +224,7 @@ class XlaModelRunner:
         import torch_xla
 
         d = self.device
-        tables = call.tables.to(d)  # both layer kinds read the same blocks, masked differently
+        tables = call.tables.to(d)  # (G, R, NB): both layer kinds gather every block, masked differently
         group = AttentionGroup(torch.arange(call.shape.rows * call.shape.query_len, device=d),
                                call.shape.rows, call.shape.query_len,
                                KeyView(tables, call.causal.to(d)), KeyView(tables, call.windowed.to(d)))
@@ -248,7 +254,7 @@ class XlaModelRunner:
             shape = self.buckets.prefill_shape(len(steps[0].token_ids), blocks)
         if self.warmed_shapes and shape not in self.warmed_shapes:
             log.warning("XLA: %s was not warmed up; this call compiles a new graph", shape)
-        call = _PaddedCall(shape, bs, self.scratch_block)
+        call = _PaddedCall(shape, bs, self.scratch_block, self.kv_groups)
         for row, step in enumerate(steps):
             call.fill_row(row, step, self.model.config.sliding_window)
         call.real_rows = len(steps)
@@ -256,22 +262,23 @@ class XlaModelRunner:
 
 
 class _PaddedCall:
-    """Host tensors of one padded call (R rows x Q query tokens, NB blocks of BS per row).
+    """Host tensors of one padded call (R rows x Q query tokens, NB blocks of BS per row, G layer groups).
 
     A new call is all padding (warm-up uses it as is); `fill_row` writes the real rows.
     Padding rows/tokens sit at position 0 of the scratch block: their K/V land there, their
     queries see only scratch key 0 (so softmax stays finite), and their outputs are dropped.
     """
 
-    def __init__(self, shape: GraphShape, block_size: int, scratch_block: int):
+    def __init__(self, shape: GraphShape, block_size: int, scratch_block: int, groups: int = 1):
         r, q, nb = shape.rows, shape.query_len, shape.blocks
         self.shape = shape
+        self.groups = groups
         self.block_size = block_size
         self.real_rows = 0
         self.ids = torch.zeros(r * q, dtype=torch.int64)
         self.positions = torch.zeros(r * q, dtype=torch.int64)
-        self.slots = torch.full((r * q,), scratch_block * block_size, dtype=torch.int64)
-        self.tables = torch.full((r, nb), scratch_block, dtype=torch.int64)
+        self.slots = torch.full((groups, r * q), scratch_block * block_size, dtype=torch.int64)
+        self.tables = torch.full((groups, r, nb), scratch_block, dtype=torch.int64)
         key_pos = torch.arange(nb * block_size)
         self.causal = (key_pos == 0).expand(r, q, -1).clone()  # (R, Q, NB*BS)
         self.windowed = self.causal.clone()
@@ -282,12 +289,12 @@ class _PaddedCall:
         q, bs, n = self.shape.query_len, self.block_size, len(step.token_ids)
         start = row * q
         positions = torch.arange(step.num_cached, step.num_cached + n)
-        table = torch.tensor(step.block_table, dtype=torch.int64)
+        table = torch.tensor(table_rows(step.block_table, self.groups), dtype=torch.int64)  # (G, blocks)
         self.ids[start: start + n] = torch.tensor(step.token_ids, dtype=torch.int64)
         self.positions[start: start + n] = positions
-        self.slots[start: start + n] = table[positions // bs] * bs + positions % bs
+        self.slots[:, start: start + n] = table[:, positions // bs] * bs + positions % bs
         used = min(len(step.block_table), self.shape.blocks)
-        self.tables[row, :used] = table[:used]
+        self.tables[:, row, :used] = table[:, :used]
         # Padded query tokens of a chunk reuse its last position: same (finite) mask row.
         q_pos = torch.full((q,), step.num_cached + n - 1, dtype=torch.int64)
         q_pos[:n] = positions

@@ -1,8 +1,11 @@
 """The paged KV cache and the per-step attention metadata.
 
-The cache of one layer is a pair of tensors (num_blocks, block_size, kv_heads, head_dim);
-a sequence's keys live in the blocks its block table lists, in position order. The
-metadata for a step is built once from plain Python lists and shared by every layer.
+The cache of one layer is a pair of tensors (num_pages, block_size, kv_heads, head_dim). The
+layers form G groups (gemma_dist.config.KVLayout: LOCAL and GLOBAL layers apart, for the
+sliding-window pool; one group otherwise); a sequence has a block table per group, and a layer's
+keys live in the pages its group's table lists, in position order. Layers in the same slot of
+different groups share one tensor (their pages never overlap). The metadata for a step is built
+once from plain Python lists and shared by every layer; each layer reads its group's row.
 """
 
 from __future__ import annotations
@@ -13,14 +16,23 @@ from typing import Sequence
 
 import torch
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
+NO_PAGE = -1  # a table entry a LOCAL group gave back (outside its window: never read)
+
+
+class KVCache(list):
+    """Per layer: (k_cache, v_cache), each (num_pages, block_size, Hkv, D); `layer_group[l]` is
+    the group whose block table layer l reads."""
+
+    def __init__(self, pairs, layer_group: Sequence[int]):
+        super().__init__(pairs)
+        self.layer_group = tuple(layer_group)
 
 
 @dataclasses.dataclass
 class KeyView:
     """Which cache blocks a layer kind gathers per sequence, and which keys each query may see."""
 
-    block_tables: torch.Tensor  # (B, nb) int64 block ids, padded with block 0 (masked)
+    block_tables: torch.Tensor  # (G, B, nb) int64 page ids per layer group, padded with page 0 (masked)
     mask: torch.Tensor  # (B, Tq, nb * block_size) bool: True where query i may attend key j
 
 
@@ -45,7 +57,7 @@ class KernelInputs:
     """Inputs of the fused paged-attention kernel (`paged_attention_kernel`), all int32."""
 
     token_seq: torch.Tensor  # (T,) which row of block_tables each query token reads
-    block_tables: torch.Tensor  # (B, max_blocks) physical block ids (unused tail: any valid id)
+    block_tables: torch.Tensor  # (G, B, max_blocks) page ids per layer group (unused tail: any valid id)
     positions: torch.Tensor  # (T,) each query token's position: it sees keys at positions <= it
     sliding_window: int | None  # window of LOCAL layers (keys within the last `window` positions)
 
@@ -54,7 +66,7 @@ class KernelInputs:
 class AttentionMetadata:
     """Everything attention needs about one step's flattened batch of B sequences / T tokens."""
 
-    slot_mapping: torch.Tensor  # (T,) int64: flat cache slot (block * block_size + offset) per new token
+    slot_mapping: torch.Tensor  # (G, T) int64: per layer group, each new token's slot (page * block_size + offset)
     groups: list[AttentionGroup]  # decode group first (if any), then one group per prefill chunk
     output_order: torch.Tensor | None  # (T,) row of each flat token in the groups' stacked output; None = same order
     last_token_index: torch.Tensor  # (B,) int64: flat index of each sequence's last new token
@@ -62,11 +74,19 @@ class AttentionMetadata:
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                      head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
-    """Zeroed paged cache for every layer (kv heads of this rank only)."""
+                      head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                      layout=None) -> KVCache:
+    """Zeroed paged cache of `num_blocks` pages for every layer (kv heads of this rank only).
+    `layout` (a KVLayout; default one group of all layers): layers of one slot share a tensor."""
+    from gemma_dist.config import KVLayout
+
+    layout = layout or KVLayout.single(num_layers)
+    if len(layout.layer_slot) != num_layers:
+        raise ValueError(f"the KV layout has {len(layout.layer_slot)} layers, the model {num_layers}")
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)]
+    slots = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+             for _ in range(layout.group_size)]
+    return KVCache([slots[slot] for slot in layout.layer_slot], layout.layer_group)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -79,13 +99,15 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def _key_view(tables: torch.Tensor, first_blocks: torch.Tensor, query_pos: torch.Tensor, block_size: int,
               window: int | None) -> KeyView:
     """Gather plan for blocks [first_blocks[b], last block of its queries] of each sequence, with its
-    causal / window mask. tables (B, W) int64 holds each sequence's block table (entries past a
-    sequence's blocks are any valid block id: their keys are masked); query_pos (B, Tq) int64."""
-    batch = tables.shape[0]
+    causal / window mask. tables (G, B, W) int64 holds each sequence's block table per layer group
+    (entries past a sequence's blocks are any valid page id: their keys are masked); query_pos
+    (B, Tq) int64."""
+    groups, batch, width = tables.shape
     last_blocks = query_pos[:, -1] // block_size  # (B,) block of each sequence's last query
     num = int((last_blocks - first_blocks).max()) + 1
     cols = first_blocks[:, None] + torch.arange(num, device=tables.device)  # (B, num) table columns
-    picked = tables.gather(1, cols.clamp(max=tables.shape[1] - 1))  # past the table: masked below
+    # (G, B, num) page ids; columns past the table read its last one, masked below.
+    picked = tables.gather(2, cols.clamp(max=width - 1)[None].expand(groups, batch, num))
     offsets = torch.arange(block_size, device=tables.device)
     key_pos = (cols[:, :, None] * block_size + offsets).reshape(batch, num * block_size)  # (B, Lk)
     mask = key_pos[:, None, :] <= query_pos[:, :, None]  # causal (also hides blocks past the table)
@@ -96,33 +118,49 @@ def _key_view(tables: torch.Tensor, first_blocks: torch.Tensor, query_pos: torch
 
 def _group(token_index: torch.Tensor, tables: torch.Tensor, query_pos: torch.Tensor, block_size: int,
            sliding_window: int | None) -> AttentionGroup:
-    """One attention group over B sequences with Tq query rows each: tables (B, W), query_pos (B, Tq)."""
-    zeros = torch.zeros(tables.shape[0], dtype=torch.int64, device=tables.device)
+    """One attention group over B sequences with Tq query rows each: tables (G, B, W), query_pos (B, Tq)."""
+    zeros = torch.zeros(tables.shape[1], dtype=torch.int64, device=tables.device)
     whole = _key_view(tables, zeros, query_pos, block_size, None)
     if sliding_window is None:
         windowed = whole
     else:
         first = (query_pos[:, 0] - sliding_window + 1).clamp(min=0) // block_size
         windowed = _key_view(tables, first, query_pos, block_size, sliding_window)
-    return AttentionGroup(token_index, tables.shape[0], query_pos.shape[1], whole, windowed)
+    return AttentionGroup(token_index, tables.shape[1], query_pos.shape[1], whole, windowed)
 
 
-def table_tensor(block_tables: Sequence[Sequence[int]], width: int | None = None,
-                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """(B, width) block tables from lists, padded with block 0 (default width: the longest)."""
+def table_rows(block_table: Sequence, groups: int = 1) -> list[list[int]]:
+    """One sequence's block table as G rows of page ids. Entries are tuples (a page per group;
+    NO_PAGE becomes page 0, never read) or plain block ids b, which stand for pages b * G + g (a
+    table laid out for a cache of G pages per block)."""
+    rows = [[] for _ in range(groups)]
+    for entry in block_table:
+        for g, row in enumerate(rows):
+            page = entry[g] if isinstance(entry, tuple) else entry * groups + g
+            row.append(page if page != NO_PAGE else 0)
+    return rows
+
+
+def table_tensor(block_tables: Sequence[Sequence], width: int | None = None,
+                 dtype: torch.dtype = torch.int64, groups: int = 1) -> torch.Tensor:
+    """(G, B, width) page ids from B block tables (see `table_rows`), padded with page 0
+    (default width: the longest)."""
     width = width or max(len(t) for t in block_tables)
-    tables = torch.zeros((len(block_tables), width), dtype=dtype)
+    tables = torch.zeros((groups, len(block_tables), width), dtype=dtype)
     for b, table in enumerate(block_tables):
-        tables[b, : min(len(table), width)] = torch.tensor(table[:width], dtype=dtype)
+        used = min(len(table), width)
+        if used:
+            tables[:, b, :used] = torch.tensor(table_rows(table[:used], groups), dtype=dtype)
     return tables
 
 
-def kernel_inputs(query_lens: Sequence[int], cached_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
-                  sliding_window: int | None, device: torch.device | str, width: int | None = None) -> KernelInputs:
+def kernel_inputs(query_lens: Sequence[int], cached_lens: Sequence[int], block_tables: Sequence[Sequence],
+                  sliding_window: int | None, device: torch.device | str, width: int | None = None,
+                  groups: int = 1) -> KernelInputs:
     """Fused-kernel inputs for B sequences, sequence b adding query_lens[b] tokens after cached_lens[b]
-    (block tables padded with block 0 to `width`, default the longest)."""
+    (block tables of `groups` layer groups, padded with page 0 to `width`, default the longest)."""
     return _kernel_inputs(_sequence_of_tokens(query_lens), positions_of(query_lens, cached_lens),
-                          table_tensor(block_tables, width, torch.int32), sliding_window, device)
+                          table_tensor(block_tables, width, torch.int32, groups), sliding_window, device)
 
 
 def _sequence_of_tokens(query_lens: Sequence[int]) -> torch.Tensor:
@@ -132,20 +170,22 @@ def _sequence_of_tokens(query_lens: Sequence[int]) -> torch.Tensor:
 
 def _kernel_inputs(token_seq: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                    sliding_window: int | None, device: torch.device | str) -> KernelInputs:
-    """KernelInputs from host tensors: token_seq and positions (T,), tables (B, W)."""
+    """KernelInputs from host tensors: token_seq and positions (T,), tables (G, B, W)."""
     return KernelInputs(token_seq.to(device, torch.int32), tables.to(device, torch.int32),
                         positions.to(device, torch.int32), sliding_window)
 
 
 def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[int],
-                             block_tables: Sequence[Sequence[int]], block_size: int,
+                             block_tables: Sequence[Sequence], block_size: int,
                              sliding_window: int | None,
-                             device: torch.device | str = "cpu", use_kernel: bool = False) -> AttentionMetadata:
+                             device: torch.device | str = "cpu", use_kernel: bool = False,
+                             groups: int = 1) -> AttentionMetadata:
     """Metadata for B sequences, sequence b adding query_lens[b] tokens after cached_lens[b].
 
     Tokens are flattened sequence by sequence; the block table of b must cover
-    cached_lens[b] + query_lens[b] positions. use_kernel: attention runs in the fused
-    paged-attention kernel, which needs only `kernel` (no gather groups are built).
+    cached_lens[b] + query_lens[b] positions (entries: see `table_rows`; `groups` layer groups).
+    use_kernel: attention runs in the fused paged-attention kernel, which needs only `kernel`
+    (no gather groups are built).
     """
     if not (len(query_lens) == len(cached_lens) == len(block_tables)) or not query_lens:
         raise ValueError("query_lens, cached_lens and block_tables need one entry per sequence")
@@ -155,14 +195,14 @@ def build_attention_metadata(query_lens: Sequence[int], cached_lens: Sequence[in
         if len(table) * block_size < cached + q_len:
             raise ValueError(f"sequence {b}: block table covers {len(table) * block_size} positions, "
                              f"needs {cached + q_len}")
-    return metadata_from_tables(query_lens, cached_lens, table_tensor(block_tables), block_size, sliding_window,
-                                device, use_kernel)
+    return metadata_from_tables(query_lens, cached_lens, table_tensor(block_tables, groups=groups), block_size,
+                                sliding_window, device, use_kernel)
 
 
 def metadata_from_tables(query_lens: Sequence[int], cached_lens: Sequence[int], tables: torch.Tensor,
                          block_size: int, sliding_window: int | None, device: torch.device | str = "cpu",
                          use_kernel: bool = False, positions: torch.Tensor | None = None) -> AttentionMetadata:
-    """`build_attention_metadata` over block tables already in one (B, W) int64 CPU tensor (a
+    """`build_attention_metadata` over block tables already in one (G, B, W) int64 CPU tensor (a
     persistent batch's rows; W covers every sequence's new tokens). Vectorized: the host work
     grows with the number of sequences and prefill chunks, not with their context length.
     `positions`: the tokens' (T,) host positions, when the caller has them already."""
@@ -170,8 +210,8 @@ def metadata_from_tables(query_lens: Sequence[int], cached_lens: Sequence[int], 
     if positions is None:
         positions = positions_of(query_lens, cached_lens)  # (T,) CPU
     seq_of_token = _sequence_of_tokens(query_lens)  # (T,)
-    block_of_token = tables[seq_of_token, positions // block_size]
-    slots = block_of_token * block_size + positions % block_size  # (T,) flat cache slots
+    block_of_token = tables[:, seq_of_token, positions // block_size]  # (G, T)
+    slots = block_of_token * block_size + positions % block_size  # (G, T) flat cache slots
     starts = torch.cumsum(q, 0) - q  # (B,) first flat token of each sequence
     last = (starts + q - 1).to(device)
     if use_kernel:
@@ -182,7 +222,7 @@ def metadata_from_tables(query_lens: Sequence[int], cached_lens: Sequence[int], 
     if decode:
         index = torch.tensor(decode, dtype=torch.int64) if len(decode) < len(query_lens) else None
         token_index = starts if index is None else starts[index]
-        rows = tables if index is None else tables[index]
+        rows = tables if index is None else tables[:, index]
         cached = torch.tensor(cached_lens, dtype=torch.int64)
         group = _group(token_index, rows, (cached if index is None else cached[index])[:, None], block_size,
                        sliding_window)
@@ -192,7 +232,7 @@ def metadata_from_tables(query_lens: Sequence[int], cached_lens: Sequence[int], 
         if q_len > 1:
             token_index = torch.arange(int(starts[b]), int(starts[b]) + q_len)
             query_pos = torch.arange(cached_lens[b], cached_lens[b] + q_len)[None, :]
-            groups.append(_group(token_index, tables[b: b + 1], query_pos, block_size, sliding_window))
+            groups.append(_group(token_index, tables[:, b: b + 1], query_pos, block_size, sliding_window))
             order.append(token_index)
     order_t = torch.cat(order) if len(order) > 1 else order[0]
     output_order = None

@@ -67,8 +67,9 @@ class GemmaAttention(nn.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.use_qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        """(T, H) → (T, H): project, QK-norm, RoPE, write K/V to the cache, attend, project out."""
+                cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, group: int = 0) -> torch.Tensor:
+        """(T, H) → (T, H): project, QK-norm, RoPE, write K/V to the cache (the pages of layer group
+        `group`), attend, project out."""
         q, k, v = self.qkv_proj.split_segments(self.qkv_proj(x))
         q = q.reshape(-1, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
@@ -76,9 +77,9 @@ class GemmaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
+        write_kv(cache[0], cache[1], k, v, meta.slot_mapping[group])
         out = paged_attention(q, cache[0], cache[1], meta, self.kind is AttentionKind.LOCAL,
-                              self.scale, self.softcap)  # (T, Hq*D)
+                              self.scale, self.softcap, group)  # (T, Hq*D)
         return self.o_proj(out)
 
 
@@ -117,9 +118,9 @@ class GemmaDecoderLayer(nn.Module):
         self.post_ffw_norm = RMSNorm(config.hidden_size, eps) if sandwich else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        """(T, H) residual stream → (T, H)."""
-        h = self.attn(self.input_norm(x), rope, cache, meta)
+                cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, group: int = 0) -> torch.Tensor:
+        """(T, H) residual stream → (T, H); `group`: the layer's KV group (its block tables)."""
+        h = self.attn(self.input_norm(x), rope, cache, meta, group)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -152,8 +153,9 @@ class GemmaForCausalLM(nn.Module):
         x = self.embed(input_ids)
         x = x * _embedding_scale(self.config.hidden_size, x.dtype)
         ropes = self._rope_tables(positions, x.dtype)
-        for layer, cache in zip(self.layers, kv_cache):
-            x = layer(x, ropes[layer.kind], cache, meta)
+        groups = getattr(kv_cache, "layer_group", None) or (0,) * len(self.layers)  # a plain list: one group
+        for layer, cache, group in zip(self.layers, kv_cache, groups):
+            x = layer(x, ropes[layer.kind], cache, meta, group)
         return self.final_norm(x)
 
     def compute_logits(self, hidden: torch.Tensor, gather: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:

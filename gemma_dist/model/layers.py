@@ -540,10 +540,11 @@ ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, local: bool, scale: float,
-                    softcap: float | None) -> torch.Tensor:
+                    softcap: float | None, group: int = 0) -> torch.Tensor:
     """Attention of flat queries over the paged KV cache (new keys already written).
 
-    q: (T, Hq, D) for the T new tokens; caches: (num_blocks, block_size, Hkv, D). With
+    q: (T, Hq, D) for the T new tokens; caches: (num_pages, block_size, Hkv, D), read through
+    the block tables of layer group `group`. With
     meta.kernel set, the fused Triton kernel reads the cache in place (CUDA). Otherwise each
     group (all decode rows together, each prefill chunk alone) is one masked batched matmul
     over keys gathered through the block tables. Returns (T, Hq * D) in flat token order.
@@ -551,22 +552,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if meta.kernel is not None:
         from gemma_dist.model.paged_attention_kernel import paged_attention_kernel
 
-        return paged_attention_kernel(q, k_cache, v_cache, meta.kernel, local, scale, softcap)
-    outs = [_group_attention(q, k_cache, v_cache, g, g.window_view if local else g.global_view, scale, softcap)
+        return paged_attention_kernel(q, k_cache, v_cache, meta.kernel, local, scale, softcap, group)
+    outs = [_group_attention(q, k_cache, v_cache, g, g.window_view if local else g.global_view, scale, softcap,
+                             group)
             for g in meta.groups]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out if meta.output_order is None else out.index_select(0, meta.output_order)
 
 
 def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
-                     view: KeyView, scale: float, softcap: float | None) -> torch.Tensor:
-    """One group's attention: (B * Tq, Hq * D)."""
+                     view: KeyView, scale: float, softcap: float | None, layer_group: int) -> torch.Tensor:
+    """One attention group's attention, through layer group `layer_group`'s pages: (B * Tq, Hq * D)."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     heads = q.shape[1]
     per_kv = heads // num_kv_heads
     batch, max_q = group.batch, group.max_q
     # index_select on the flattened table is ~10x faster than advanced indexing on CPU.
-    blocks = view.block_tables.flatten()
+    blocks = view.block_tables[layer_group].flatten()
     keys = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim)  # (B, Lk, Hkv, D)
     values = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim)
     qg = q.index_select(0, group.token_index).view(batch, max_q, num_kv_heads, per_kv, head_dim)

@@ -65,18 +65,20 @@ def _paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, seq_ptr, tables_ptr, pos_ptr,
 
 
 def paged_attention_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, inputs: KernelInputs,
-                           local: bool, scale: float, softcap: float | None) -> torch.Tensor:
-    """q (T, Hq, D) over caches (num_blocks, block_size, Hkv, D) → (T, Hq * D)."""
+                           local: bool, scale: float, softcap: float | None, group: int = 0) -> torch.Tensor:
+    """q (T, Hq, D) over caches (num_pages, block_size, Hkv, D), through layer group `group`'s
+    block tables → (T, Hq * D)."""
     tokens, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("the paged-attention kernel needs contiguous caches of one layout and q with unit last stride")
     out = torch.empty(tokens, heads, head_dim, dtype=q.dtype, device=q.device)
     window = inputs.sliding_window if local and inputs.sliding_window is not None else 0
+    tables = inputs.block_tables[group]  # (B, W)
     _paged_attention[(tokens, heads)](
-        q, k_cache, v_cache, out, inputs.token_seq, inputs.block_tables, inputs.positions,
+        q, k_cache, v_cache, out, inputs.token_seq, tables, inputs.positions,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), inputs.block_tables.stride(0),
+        out.stride(0), out.stride(1), tables.stride(0),
         float(scale), float(softcap or 0.0), int(window),
         GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), USE_SOFTCAP=softcap is not None, USE_WINDOW=window > 0)

@@ -82,7 +82,8 @@ class ShardWorker:
             raise ValueError(f"kv cache budget {kv_cache_bytes} holds no block of {per_block} bytes")
         self.runner = ModelRunner(model, num_blocks, block_size, Sampler(seed), vocab_limit=vocab_limit,
                                   max_model_len=getattr(config, "max_model_len", None),
-                                  prepack=getattr(config, "prepack_weights", True))
+                                  prepack=getattr(config, "prepack_weights", True),
+                                  window_pool=getattr(config, "kv_window_pool", True))
         self.plans = PlanRunner(self.runner, samples=self.rank == 0)
         tune_gc_for_serving()
         return num_blocks

@@ -29,8 +29,12 @@ class GatewayMetrics:
         self.waiting = Gauge("gemma_requests_waiting", "Requests waiting in a replica's scheduler", ["replica"],
                              registry=r)
         self.running = Gauge("gemma_requests_running", "Requests running in a replica", ["replica"], registry=r)
-        self.kv_blocks_used = Gauge("gemma_kv_blocks_used", "KV-cache blocks in use", ["replica"], registry=r)
-        self.kv_blocks_total = Gauge("gemma_kv_blocks_total", "KV-cache blocks", ["replica"], registry=r)
+        self.kv_blocks_used = Gauge("gemma_kv_blocks_used", "KV-cache pages in use (a page: one block of positions "
+                                    "of one layer group)", ["replica"], registry=r)
+        self.kv_blocks_total = Gauge("gemma_kv_blocks_total", "KV-cache pages", ["replica"], registry=r)
+        self.kv_pages_used = Gauge("gemma_kv_pages_used", "KV-cache pages held by one pool's block tables: global "
+                                   "(full-attention layers) or local (sliding-window layers, their windows only)",
+                                   ["replica", "pool"], registry=r)
         self.kv_blocks_cached = Gauge("gemma_kv_blocks_cached", "KV-cache blocks held by the prefix cache "
                                       "(in use or reusable)", ["replica"], registry=r)
         self.prefix_cache_queries = Gauge("gemma_prefix_cache_queries_tokens", "Prompt tokens looked up in a "
@@ -58,6 +62,8 @@ class GatewayMetrics:
         self.running.labels(name).set(stats.running)
         self.kv_blocks_used.labels(name).set(stats.total_blocks - stats.free_blocks)
         self.kv_blocks_total.labels(name).set(stats.total_blocks)
+        self.kv_pages_used.labels(name, "global").set(stats.global_pages_used)
+        self.kv_pages_used.labels(name, "local").set(stats.local_pages_used)
         self.engine_steps.labels(name).set(stats.steps)
         self.kv_blocks_cached.labels(name).set(stats.cached_blocks)
         self.prefix_cache_queries.labels(name).set(stats.prefix_cache_queries)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gemma_dist.config import KVLayout
 from gemma_dist import SamplingParams
 from gemma_dist.engine.llm_engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from gemma_dist.engine.model_runner import kv_bytes_per_token
@@ -102,11 +103,16 @@ def test_sixteen_staggered_requests_equal_each_alone_tiny(tiny_model, default_ll
     assert_invisible_batching(lambda: LLMEngine(tiny_model, default_llm.tokenizer, config), requests)
 
 
-def test_preemption_under_a_tiny_kv_budget_gives_identical_outputs(tiny_model, default_llm):
+@pytest.mark.parametrize("window_pool, blocks, chunk", [(False, 20, 64), (True, 12, 8)])
+def test_preemption_under_a_tiny_kv_budget_gives_identical_outputs(tiny_model, default_llm, window_pool, blocks, chunk):
+    """(With the sliding-window pool, 20 blocks hold all six: it needs a smaller budget to preempt.)"""
     g = torch.Generator().manual_seed(5)
     requests = [([2] + torch.randint(10, 500, (30,), generator=g).tolist(), 25) for _ in range(6)]
     per_block = kv_bytes_per_token(tiny_model, torch.float32) * 4
-    tiny = EngineConfig(kv_cache_memory=per_block * 20, block_size=4, max_num_batched_tokens=64, max_num_seqs=6)
+    if not KVLayout.of(tiny_model.config).windowed:  # (Gemma 1: no LOCAL layers, nothing to gain)
+        blocks = 20
+    tiny = EngineConfig(kv_cache_memory=per_block * blocks, block_size=4, max_num_batched_tokens=chunk, max_num_seqs=6,
+                        kv_window_pool=window_pool)
     roomy = EngineConfig(kv_cache_memory=4 << 20, block_size=4, max_num_batched_tokens=64, max_num_seqs=6)
     alone = [run_alone(LLMEngine(tiny_model, default_llm.tokenizer, roomy), p, n) for p, n in requests]
     engine = LLMEngine(tiny_model, default_llm.tokenizer, tiny)

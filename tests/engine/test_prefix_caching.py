@@ -81,7 +81,7 @@ def test_cached_blocks_count_as_free_and_give_way_under_memory_pressure(default_
     of finished requests are reused for new ones, and outputs stay those of a cold engine."""
     engine = LLMEngine(default_llm.model, default_llm.tokenizer,
                        EngineConfig(kv_cache_memory=8 * BLOCK * 36_864, block_size=BLOCK))
-    assert engine.stats().total_blocks == 8
+    assert engine.stats().total_blocks == 8 * engine.stats().kv_groups  # pages: 8 blocks for all 18 layers
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     cold = engine_of(default_llm, caching=False)
     for seed in range(5):
@@ -89,6 +89,7 @@ def test_cached_blocks_count_as_free_and_give_way_under_memory_pressure(default_
         assert run(engine, f"r{seed}", prompt, params) == run(cold, f"r{seed}", prompt, params)
         stats = engine.stats()
         assert stats.free_blocks == stats.total_blocks and 0 < stats.cached_blocks <= 8
+        assert stats.global_pages_used == stats.local_pages_used == 0
 
 
 def test_a_hit_past_the_sliding_window_gives_the_same_tokens(default_llm):

@@ -50,7 +50,7 @@ def test_kernel_equals_gather_path_on_cuda_bf16():
     k_new, v_new = (torch.randn(t, kv_heads, dim, generator=g).cuda().bfloat16() for _ in range(2))
     gather = build_attention_metadata(query_lens, cached, tables, block, 64, "cuda")
     kernel = build_attention_metadata(query_lens, cached, tables, block, 64, "cuda", use_kernel=True)
-    write_kv(k_cache, v_cache, k_new, v_new, gather.slot_mapping)
+    write_kv(k_cache, v_cache, k_new, v_new, gather.slot_mapping[0])
     for local in (False, True):
         for softcap in (None, 50.0):
             expected = paged_attention(q.float(), k_cache.float(), v_cache.float(), gather, local, 0.0625, softcap)

@@ -53,7 +53,7 @@ def test_kernel_equals_gather_path(heads, kv_heads, softcap, window):
     v_new = torch.randn(tokens, kv_heads, head_dim, generator=g).to(DEVICE)
     gather_meta = build_attention_metadata(query_lens, cached, tables, block_size, window, DEVICE)
     kernel_meta = build_attention_metadata(query_lens, cached, tables, block_size, window, DEVICE, use_kernel=True)
-    write_kv(k_cache, v_cache, k_new, v_new, gather_meta.slot_mapping)
+    write_kv(k_cache, v_cache, k_new, v_new, gather_meta.slot_mapping[0])
     assert torch.equal(gather_meta.slot_mapping, kernel_meta.slot_mapping)
     for local in (False, True):
         expected = paged_attention(q, k_cache, v_cache, gather_meta, local, 0.25, softcap)
@@ -129,7 +129,7 @@ def test_decode_graphs_read_a_persistent_batch_as_they_read_step_inputs(tmp_path
     g = torch.Generator().manual_seed(3)
     prompts = [[2] + torch.randint(10, 500, (n,), generator=g).tolist() for n in (12, 3, 9)]
     tables = [[5, 0, 7, 2], [9, 11], [3, 4, 14]]  # scattered blocks covering prompt + one token
-    batch = PersistentBatch(block_size=4)
+    batch = PersistentBatch(block_size=4, groups=runner.kv_groups)  # int blocks b: pages b * G + g, as in StepInputs
     batch.apply(StepPlan(added=[NewRequest(i, f"r{i}", p, [], SamplingParams(temperature=0))
                                 for i, p in enumerate(prompts)],
                          block_updates=[(i, 0, t) for i, t in enumerate(tables)]))

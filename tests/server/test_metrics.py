@@ -53,6 +53,8 @@ def test_metrics_match_the_requests_sent(default_llm):
     assert m[("gemma_requests_waiting", (("replica", "r0"),))] == 0
     assert m[("gemma_kv_blocks_used", (("replica", "r0"),))] == 0
     assert m[("gemma_kv_blocks_total", (("replica", "r0"),))] == rep.stats().total_blocks
+    for pool in ("global", "local"):  # the sliding-window pool's two kinds of pages, none held now
+        assert m[("gemma_kv_pages_used", (("pool", pool), ("replica", "r0")))] == 0
 
 
 def test_prefix_cache_gauges_count_a_repeated_prompt(default_llm):

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from gemma_dist.engine.block_manager import BlockManager, chain_key, chain_keys
+from gemma_dist.engine.block_manager import NO_PAGE, BlockManager, chain_key, chain_keys
 from gemma_dist.engine.sequence import Sequence
 from tests.unit.test_scheduler import BIG_CONTEXT, Params, SimEngine, fake_token
 
@@ -231,26 +231,32 @@ def assert_block_invariants(engine: SimEngine) -> None:
     blocks = engine.blocks
     held: dict[int, int] = {}
     for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-        for block in seq.block_table:
-            held[block] = held.get(block, 0) + 1
+        for entry in seq.block_table:
+            for page in entry:
+                if page != NO_PAGE:
+                    held[page] = held.get(page, 0) + 1
     assert [blocks._refs[b] for b in range(blocks.num_blocks)] == [held.get(b, 0) for b in range(blocks.num_blocks)]
     pool = list(blocks._free) + list(blocks._evictable)
     assert len(pool) == len(set(pool)) == blocks.num_free
     assert set(pool) == {b for b in range(blocks.num_blocks) if b not in held}
+    assert blocks.owned_global + blocks.owned_local == len(held)
     assert all(blocks._key_of[b] is not None for b in blocks._evictable)
     assert all(blocks._key_of[b] is None for b in blocks._free)
-    assert all(blocks._key_of[block] == key for key, block in blocks._cached.items())
+    for group, cache in enumerate(blocks._cached):
+        assert all(blocks._key_of[page] == key and blocks._group_of[page] == group for key, page in cache.items())
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_workloads_with_aborts_and_preemptions_keep_every_block_invariant(seed):
+def run_random_workload(engine: SimEngine, seed: int, requests: int = 50, max_family: int = 13,
+                        max_output: int = 20) -> set[str]:
+    """Requests from 3 prompt families with random suffixes, steps and aborts in between, checking
+    every block invariant after each change; all outputs must be the fake model's. Returns the
+    aborted request ids."""
     rng = random.Random(seed)
-    engine = SimEngine(num_blocks=10, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, caching=True)
-    families = [[rng.randrange(100, 200) for _ in range(rng.randrange(3, 13))] for _ in range(3)]
+    families = [[rng.randrange(100, 200) for _ in range(rng.randrange(3, max_family))] for _ in range(3)]
     seqs, aborted = [], set()
-    for i in range(50):
+    for i in range(requests):
         prompt = rng.choice(families) + [rng.randrange(100, 200) for _ in range(rng.randrange(1, 5))]
-        seqs.append(engine.add(seq_of(f"r{i}", prompt, max_tokens=rng.randrange(1, 20))))
+        seqs.append(engine.add(seq_of(f"r{i}", prompt, max_tokens=rng.randrange(1, max_output))))
         for _ in range(rng.randrange(0, 3)):
             engine.step()
             assert_block_invariants(engine)
@@ -266,5 +272,12 @@ def test_random_workloads_with_aborts_and_preemptions_keep_every_block_invariant
     for seq in seqs:
         if seq.request_id not in aborted:
             assert seq.output_token_ids == expected_output(seq.prompt_token_ids, seq.params.max_tokens)
+    return aborted
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workloads_with_aborts_and_preemptions_keep_every_block_invariant(seed):
+    engine = SimEngine(num_blocks=10, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, caching=True)
+    aborted = run_random_workload(engine, seed)
     assert engine.blocks.num_free == 10 and engine.scheduler.num_preemptions > 0
     assert engine.scheduler.prefix_hit_tokens > 0 and aborted

@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from gemma_dist.engine.block_manager import BlockManager
+from gemma_dist.engine.block_manager import NO_PAGE, BlockManager
 from gemma_dist.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gemma_dist.engine.sequence import FinishReason, Sequence, finish_on_token
 
@@ -73,10 +73,12 @@ class SimEngine:
     """Scheduler + BlockManager + a fake model over a fake paged KV cache."""
 
     def __init__(self, num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                 max_num_batched_tokens: int = 64, caching: bool = False):
-        self.blocks = BlockManager(num_blocks, block_size, caching=caching)
+                 max_num_batched_tokens: int = 64, caching: bool = False,
+                 group_local: tuple[bool, ...] = (False,), sliding_window: int | None = None):
+        self.blocks = BlockManager(num_blocks, block_size, caching=caching, group_local=group_local,
+                                   sliding_window=sliding_window)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), self.blocks)
-        self.cache: dict[int, list[int | None]] = {}  # block id -> the token id in each slot
+        self.cache: dict[int, list[int | None]] = {}  # page id -> the token id in each slot
         self.finished: list[Sequence] = []
         self.on_plan = None  # optional check called with each plan before it runs
 
@@ -91,13 +93,27 @@ class SimEngine:
             seq = item.seq
             size = self.blocks.block_size
             for position in range(seq.num_cached, seq.num_cached + item.num_tokens):
-                block = self.cache.setdefault(seq.block_table[position // size], [None] * size)
-                block[position % size] = seq.all_token_ids[position]
+                for page in seq.block_table[position // size]:  # every group writes its page
+                    assert page != NO_PAGE, f"{seq.request_id}: no page for position {position}"
+                    self.cache.setdefault(page, [None] * size)[position % size] = seq.all_token_ids[position]
             if item.samples:  # decided by the plan, i.e. before on_step_done moves num_cached
-                context = [t for b in seq.block_table for t in self.cache[b]][:seq.num_tokens]
+                context = self._read_back(seq, seq.num_tokens - 1)
                 assert context == seq.all_token_ids, f"{seq.request_id}: the KV cache lost its context"
                 sampled[id(seq)] = fake_token(context)
         return sampled
+
+    def _read_back(self, seq: Sequence, last: int) -> list[int | None]:
+        """The context a query at position `last` reads: GLOBAL groups all of it, LOCAL groups
+        their window (which must agree with the GLOBAL groups' copy)."""
+        size, blocks = self.blocks.block_size, self.blocks
+        context = []
+        for position in range(last + 1):
+            entry = seq.block_table[position // size]
+            tokens = {self.cache[entry[g]][position % size] for g, local in enumerate(blocks.group_local)
+                      if not local or last - position < blocks.sliding_window}
+            assert len(tokens) == 1, f"{seq.request_id}: groups disagree at position {position}: {tokens}"
+            context.append(tokens.pop())
+        return context
 
     def step(self) -> Step:
         plan = self.scheduler.schedule()
