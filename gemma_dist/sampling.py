@@ -42,6 +42,7 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -84,6 +85,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]; subtracted per occurrence in the output
     logprobs: int = 0  # report the chosen token's logprob and this many alternatives, 0..20
     ignore_eos: bool = False  # keep generating past the end-of-sequence token
+    # Structured output (at most one; gemma_dist.structured): the output follows a JSON schema
+    # (JSON text), a regular expression, or is one of the choices.
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         def set_field(name: str, value: object) -> None:
@@ -135,6 +141,33 @@ class SamplingParams:
 
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+        if self.choice is not None:
+            set_field("choice", _as_tuple("choice", self.choice))
+        for name in ("json_schema", "regex"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SamplingParamsError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        if self.json_schema is not None or self.regex is not None or self.choice is not None:
+            from gemma_dist.structured import ConstraintError, grammar_of
+
+            try:
+                grammar_of(self.json_schema, self.regex, self.choice)  # compiles it: fails here, not mid-generation
+            except ConstraintError as e:
+                raise SamplingParamsError(str(e)) from None
+
+    @property
+    def grammar(self) -> str | None:
+        """The llguidance grammar of the structured-output constraint, or None."""
+        if self.json_schema is None and self.regex is None and self.choice is None:
+            return None
+        from gemma_dist.structured import grammar_of
+
+        return grammar_of(self.json_schema, self.regex, self.choice)
+
+    @property
+    def constrained(self) -> bool:
+        """True when a structured-output constraint is set."""
+        return self.json_schema is not None or self.regex is not None or self.choice is not None
 
     @property
     def is_greedy(self) -> bool:
@@ -217,6 +250,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     # Per-request generator when params.seed is set (make_generator); None = the shared one.
     generator: torch.Generator | None = None
+    constraint: Any = None  # structured.Constraint of a constrained request, on the sampling runner
 
 
 @dataclass
@@ -271,7 +305,16 @@ class Sampler:
         logits = _as_batch_logits(logits, rows)  # (B, V) fp32, contiguous
         if not rows:
             return SampleResult(token_ids=[], logprobs=[])
-        token_ids = self._choose_tokens(logits, rows)  # (B,)
+        constraints = [row.constraint for row in rows]
+        if any(c is not None for c in constraints):  # structured output: pick among allowed tokens only
+            from gemma_dist.structured import mask_rows
+
+            token_ids = self._choose_tokens(mask_rows(logits, constraints), rows)
+            for constraint, token in zip(constraints, token_ids.tolist()):
+                if constraint is not None:
+                    constraint.advance(token)
+        else:
+            token_ids = self._choose_tokens(logits, rows)  # (B,)
         logprobs = self._collect_logprobs(logits, token_ids, rows, log_norm)
         return SampleResult(token_ids=token_ids.tolist(), logprobs=logprobs)
 
@@ -660,9 +703,12 @@ def shard_candidates(row: SamplingRow) -> int | None:
 
     Greedy rows need 1, top-k rows k, plus the logprobs they report. The union of every shard's
     best k holds the row's global best k, so sampling from it picks what the whole row would.
-    Rows without top-k (nucleus, full vocabulary) and rows that report logprobs of penalized
-    logits (logprobs are of the raw logits, the choice of the penalized ones) need whole rows."""
+    Rows without top-k (nucleus, full vocabulary), rows that report logprobs of penalized
+    logits (logprobs are of the raw logits, the choice of the penalized ones) and structured-output
+    rows (a mask over the whole vocabulary) need whole rows."""
     params = row.params
+    if params.constrained:  # its mask is over the whole vocabulary (decided from params: every rank agrees,
+        return None  # though only the sampling rank holds the grammar state)
     if params.is_greedy:
         k = 1
     elif 0 < params.top_k <= MAX_SHARD_CANDIDATES:
@@ -748,7 +794,8 @@ def _sample_from_candidates(local: torch.Tensor, rows: list[SamplingRow], k: int
     if with_logprobs:
         log_norm = torch.logsumexp(blocks[:, :, 2 * k], dim=1)  # (S,) over the shards' (S, tp) norms
     plain = [row if not row.params.has_penalties else SamplingRow(  # penalties were applied on the shards
-        _without_penalties(row.params), row.prompt_token_ids, row.output_token_ids, row.generator) for row in rows]
+        _without_penalties(row.params), row.prompt_token_ids, row.output_token_ids, row.generator, row.constraint)
+        for row in rows]
     result = sampler(candidates, plain, log_norm)
     token_ids = candidate_ids.gather(1, torch.tensor(result.token_ids)[:, None]).squeeze(1).tolist()
     logprobs = [None if lp is None else TokenLogprob(

@@ -135,6 +135,17 @@ def assert_greedy_agrees(got: list[int], want: list[int], want_margins, margin: 
     return end
 
 
+def default_tokenizer():
+    """The real Gemma tokenizer of the default checkpoint (no model loaded)."""
+    from gemma_dist.model.loading import open_checkpoint
+
+    checkpoint = open_checkpoint("default")
+    try:
+        return checkpoint.load_tokenizer()
+    finally:
+        checkpoint.source.close()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (servers under test bind it)."""
     with socket.socket() as sock:

@@ -35,6 +35,7 @@ from gemma_dist.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOut
 from gemma_dist.engine.sequence import FinishReason, Sequence, find_stop_string, finish_on_token
 from gemma_dist.engine.step_plan import NewRequest, SlotAllocator, StepPlan
 from gemma_dist.sampling import Sampler, SampleResult, SamplingParams, TokenLogprob
+from gemma_dist.structured import grammar_tokenizer
 from gemma_dist.tokenizer import IncrementalDetokenizer
 
 GiB = 1 << 30
@@ -260,7 +261,8 @@ class LLMEngine:
     def _setup(self, model_config, tokenizer, config: EngineConfig, runner, num_blocks: int) -> None:
         # The runner executes StepPlans: a remote one directly, a model runner through a
         # persistent batch kept here. `self.runner` stays the model runner (tests, tools).
-        self.executor = runner if hasattr(runner, "execute_plan") else PlanRunner(runner)
+        self.executor = runner if hasattr(runner, "execute_plan") else PlanRunner(
+            runner, grammar_tokenizer=lambda: grammar_tokenizer(tokenizer, model_config.vocab_size))
         self.times = EngineTimes()
         self._slots = SlotAllocator()
         self._freed_slots: list[int] = []  # slots of finished requests, removed in the next plan

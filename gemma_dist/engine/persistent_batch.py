@@ -25,16 +25,21 @@ from gemma_dist.sampling import SampleResult, SamplingParams, SamplingRow, make_
 class _Row:
     """One request's state in the batch."""
 
-    __slots__ = ("request_id", "prompt", "output", "params", "generator", "num_blocks")
+    __slots__ = ("request_id", "prompt", "output", "params", "generator", "constraint", "num_blocks")
 
     def __init__(self, request_id: str, prompt: list[int], output: list[int], params: SamplingParams,
-                 generator: torch.Generator | None):
+                 generator: torch.Generator | None, constraint=None):
         self.request_id = request_id
         self.prompt = prompt  # prompt token ids
         self.output = output  # generated token ids; the runner appends each token it samples
         self.params = params
         self.generator = generator  # seeded requests, on a runner that samples
+        self.constraint = constraint  # structured output (structured.Constraint), on a runner that samples
         self.num_blocks = 0  # valid entries of its block-table row
+
+    def sampling_row(self) -> SamplingRow:
+        """This request's sampling state for a step."""
+        return SamplingRow(self.params, self.prompt, self.output, self.generator, self.constraint)
 
     def token_at(self, position: int) -> int:
         """The token at `position` of prompt + output."""
@@ -77,13 +82,15 @@ class StepTimes:
 class PersistentBatch:
     """Requests in flight on one runner, numbered by slot; updated in place by StepPlans."""
 
-    def __init__(self, block_size: int, samples: bool = True, groups: int = 1):
+    def __init__(self, block_size: int, samples: bool = True, groups: int = 1, grammar_tokenizer=None):
         """samples: this runner picks tokens (rank 0, or in-process), so seeded requests get
-        their generator here, created once and kept across preemptions. groups: layer groups
-        of the KV layout (page ids per table entry)."""
+        their generator here, and constrained ones their grammar state, created once and kept
+        across preemptions. groups: layer groups of the KV layout (page ids per table entry).
+        grammar_tokenizer: () -> llguidance tokenizer, for structured output (None: no constraints)."""
         self.block_size = block_size
         self.samples = samples
         self.groups = groups
+        self.grammar_tokenizer = grammar_tokenizer
         self.rows: list[_Row | None] = []
         self.tables = torch.zeros((groups, 16, 16), dtype=torch.int64)  # (G, capacity, width); grows by doubling
 
@@ -95,11 +102,21 @@ class PersistentBatch:
             self._ensure_rows(new.slot + 1)
             generator = make_generator(new.params.seed) if self.samples and new.params.seed is not None else None
             self.rows[new.slot] = _Row(new.request_id, list(new.prompt_token_ids), list(new.output_token_ids),
-                                       new.params, generator)
+                                       new.params, generator, self._constraint(new))
         for slot in plan.reset:
             self.rows[slot].num_blocks = 0
         if plan.block_updates:
             self._write_blocks(plan.block_updates)
+
+    def _constraint(self, new):
+        """The grammar state of a constrained request, on a runner that samples (else None)."""
+        if not (self.samples and new.params.constrained):
+            return None
+        if self.grammar_tokenizer is None:
+            raise ValueError(f"request {new.request_id}: this runner has no tokenizer for structured output")
+        from gemma_dist.structured import Constraint
+
+        return Constraint(new.params.grammar, self.grammar_tokenizer(), new.output_token_ids)
 
     def append_sampled(self, plan: StepPlan, token_ids: list[int]) -> None:
         """Append each sampling row's new token to its output (in the plan's row order)."""
@@ -162,8 +179,7 @@ class PersistentBatch:
         meta = metadata_from_tables(plan.num_tokens, plan.num_cached, tables, bs, sliding_window, device, use_kernel,
                                     positions)
         sample_rows = [i for i, s in enumerate(plan.samples) if s]
-        sampling = [SamplingRow(rows[i].params, rows[i].prompt, rows[i].output, rows[i].generator)
-                    for i in sample_rows]
+        sampling = [rows[i].sampling_row() for i in sample_rows]
         host_ids = torch.tensor(ids, dtype=torch.int64)
         return PreparedStep(host_ids.to(device), host_ids, positions.to(device), meta, sampling, sample_rows,
                             list(plan.num_cached), tables)
@@ -176,7 +192,7 @@ class PersistentBatch:
         inputs = []
         for slot, cached, n, samples in zip(plan.slots, plan.num_cached, plan.num_tokens, plan.samples):
             row = self.rows[slot]
-            sampling = SamplingRow(row.params, row.prompt, row.output, row.generator) if samples else None
+            sampling = row.sampling_row() if samples else None
             table = [tuple(entry) for entry in self.tables[:, slot, : row.num_blocks].t().tolist()]
             inputs.append(StepInput(row.tokens(cached, cached + n), cached, table, sampling, row.request_id))
         return inputs
@@ -186,11 +202,12 @@ class PlanRunner:
     """Runs StepPlans: applies each to a PersistentBatch, then executes it on a model runner
     (`ModelRunner`'s vectorized path, or any runner taking `StepInput`s, e.g. XLA's)."""
 
-    def __init__(self, runner, samples: bool = True):
-        """samples: this runner returns tokens (False on tensor-parallel ranks other than 0)."""
+    def __init__(self, runner, samples: bool = True, grammar_tokenizer=None):
+        """samples: this runner returns tokens (False on tensor-parallel ranks other than 0).
+        grammar_tokenizer: () -> llguidance tokenizer, for structured output (PersistentBatch)."""
         self.runner = runner
         self.samples = samples
-        self.batch = PersistentBatch(runner.block_size, samples, getattr(runner, "kv_groups", 1))
+        self.batch = PersistentBatch(runner.block_size, samples, getattr(runner, "kv_groups", 1), grammar_tokenizer)
 
     def execute_plan(self, plan: StepPlan) -> SampleResult | None:
         """Apply the plan and run its rows; tokens for its sampling rows (None where this

@@ -84,7 +84,7 @@ class ShardWorker:
                                   max_model_len=getattr(config, "max_model_len", None),
                                   prepack=getattr(config, "prepack_weights", True),
                                   window_pool=getattr(config, "kv_window_pool", True))
-        self.plans = PlanRunner(self.runner, samples=self.rank == 0)
+        self.plans = PlanRunner(self.runner, samples=self.rank == 0, grammar_tokenizer=self._grammar_tokenizer)
         tune_gc_for_serving()
         return num_blocks
 
@@ -101,9 +101,21 @@ class ShardWorker:
             self.runner = XlaModelRunner.from_checkpoint(checkpoint, self.dtype, None, config, vocab_limit)
         finally:
             checkpoint.source.close()
-        self.plans = PlanRunner(self.runner, samples=True)
+        self.plans = PlanRunner(self.runner, samples=True, grammar_tokenizer=self._grammar_tokenizer)
         tune_gc_for_serving()
         return self.runner.num_blocks
+
+    def _grammar_tokenizer(self):
+        """llguidance's view of this model's vocabulary, for structured output (built on first use)."""
+        from gemma_dist.structured import grammar_tokenizer
+
+        if getattr(self, "_lltokenizer", None) is None:
+            checkpoint = open_checkpoint(self.model_path, self.variant)
+            try:
+                self._lltokenizer = grammar_tokenizer(checkpoint.load_tokenizer(), checkpoint.config.vocab_size)
+            finally:
+                checkpoint.source.close()
+        return self._lltokenizer
 
     def execute_plan(self, plan: StepPlan) -> SampleResult | None:
         """Apply one step's changes to this rank's persistent batch and run it; rank 0 returns

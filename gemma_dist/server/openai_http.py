@@ -33,6 +33,7 @@ from starlette.routing import Route
 from gemma_dist.engine.llm_engine import RequestDelta
 from gemma_dist.engine.sequence import FinishReason
 from gemma_dist.server.gateway import GemmaServicer, ServeError
+from gemma_dist.structured import CONSTRAINT_FIELDS, ConstraintError, grammar_of
 from gemma_dist.v1 import gemma_pb2
 
 log = logging.getLogger(__name__)
@@ -133,16 +134,56 @@ def _sampling(body: dict, chat: bool) -> gemma_pb2.SamplingParams:
         top = _typed(body, "logprobs", (int,), "an integer")
         if top:
             sampling.logprobs = top
+    _constraint_into(sampling, body)
     return sampling
+
+
+def _constraint_into(sampling: gemma_pb2.SamplingParams, body: dict) -> None:
+    """Structured output: OpenAI's response_format (json_object, json_schema), or vLLM's
+    guided_json / guided_regex / guided_choice; compiled here, so a 400 names the field sent."""
+    given = []
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_object":
+            given.append(("response_format", "json_schema", '{"type": "object"}'))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise HttpError.invalid("response_format", "json_schema needs a 'schema' object")
+            given.append(("response_format", "json_schema", json.dumps(schema)))
+        elif kind != "text":
+            raise HttpError.invalid("response_format", f"type {kind!r} is not supported "
+                                                       "(text, json_object or json_schema)")
+    guided_json = body.get("guided_json")
+    if guided_json is not None:
+        given.append(("guided_json", "json_schema", guided_json if isinstance(guided_json, str) else
+                      json.dumps(guided_json)))
+    if body.get("guided_regex") is not None:
+        given.append(("guided_regex", "regex", _typed(body, "guided_regex", (str,), "a string")))
+    if body.get("guided_choice") is not None:
+        choice = body["guided_choice"]
+        if not isinstance(choice, list) or not all(isinstance(c, str) for c in choice):
+            raise HttpError.invalid("guided_choice", "must be a list of strings")
+        given.append(("guided_choice", "choice", choice))
+    if not given:
+        return
+    if len(given) > 1:
+        raise HttpError.invalid(given[1][0], f"cannot be combined with {given[0][0]}: give one constraint")
+    field, name, value = given[0]
+    try:
+        grammar_of(**{key: value if key == name else None for key in CONSTRAINT_FIELDS})
+    except ConstraintError as e:
+        raise HttpError.invalid(field, str(e)) from None
+    if name == "choice":
+        sampling.choice.extend(value)
+    else:
+        setattr(sampling, name, value)
 
 
 def _refuse_unsupported(body: dict) -> None:
     """400 for OpenAI fields this server does not implement (rather than ignoring them)."""
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            raise HttpError.invalid("response_format", f"type {kind!r} is not supported (only 'text')")
     for field, harmless in (("echo", False), ("suffix", None), ("logit_bias", None)):
         if body.get(field) not in (harmless, None, {}):
             raise HttpError.invalid(field, "is not supported by this server")

@@ -141,6 +141,11 @@ def sampling_params(proto: gemma_pb2.SamplingParams, served: ServedModel) -> Sam
     values["stop_token_ids"] = tuple(proto.stop_token_ids)
     values["logprobs"] = proto.logprobs
     values["ignore_eos"] = proto.ignore_eos
+    for name in ("json_schema", "regex"):  # structured output (compiled by SamplingParams)
+        if proto.HasField(name):
+            values[name] = getattr(proto, name)
+    if proto.choice:
+        values["choice"] = tuple(proto.choice)
     max_tokens = values.get("max_tokens", _DEFAULTS.max_tokens)
     if isinstance(max_tokens, int) and max_tokens > served.max_tokens_limit:
         raise ValidationError("sampling.max_tokens", f"must be <= {served.max_tokens_limit}, got {max_tokens}")

@@ -55,6 +55,26 @@ def test_seeded_sampling_is_reproducible_across_the_ray_boundary(tp2_replica):
     assert (stats.running, stats.waiting, stats.free_blocks) == (0, 0, stats.total_blocks)
 
 
+def test_structured_output_holds_under_tensor_parallel_sampling(tp2_replica):
+    """At tp=2 the logits are split by vocabulary; a constrained row gathers its whole row on rank 0,
+    whose worker keeps the request's grammar state, next to a free row of the same step."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 10**8}},
+              "required": ["city", "population"], "additionalProperties": False}
+
+    async def both():
+        return await asyncio.gather(
+            collect(tp2_replica, "A city as JSON:", SamplingParams(temperature=0.7, seed=3, max_tokens=64,
+                                                                  json_schema=json.dumps(schema))),
+            collect(tp2_replica, "Once upon a time", SamplingParams(temperature=0, max_tokens=8)))
+
+    constrained, free = asyncio.run(both())
+    assert constrained[-1].finish_reason.value == "stop", "".join(d.text for d in constrained)
+    value = json.loads("".join(d.text for d in constrained))
+    assert set(value) == {"city", "population"} and isinstance(value["population"], int)
+    assert constrained[-1].finish_reason.value == "stop" and free[-1].completion_tokens == 8
+
+
 def test_engine_errors_cross_the_ray_boundary_as_value_errors(tp2_replica):
     async def bad():
         async for _ in tp2_replica.generate("bad", SamplingParams(max_tokens=2), prompt=""):

@@ -87,3 +87,14 @@ def wait_until(condition, seconds: float = 60.0, interval: float = 0.1):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def one_local_replica(llm, kv_cache_memory: int, http: bool = True):
+    """A gateway over one in-process replica of the offline `llm`'s model (OpenAI front on `http`)."""
+    from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
+    from gemma_dist.runtime.local import LocalReplica
+
+    replica = LocalReplica("r0", LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=kv_cache_memory)))
+    with running_gateway([replica], llm, http=http) as server:
+        yield server

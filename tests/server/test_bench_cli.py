@@ -8,16 +8,12 @@ import json
 import pytest
 
 from gemma_dist.cli import main
-from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
-from gemma_dist.runtime.local import LocalReplica
-from tests.server.harness import running_gateway
+from tests.server.harness import one_local_replica
 
 
 @pytest.fixture(scope="module")
 def served(default_llm):
-    replica = LocalReplica("r0", LLMEngine(default_llm.model, default_llm.tokenizer,
-                                           EngineConfig(kv_cache_memory=64 << 20)))
-    with running_gateway([replica], default_llm, http=True) as server:
+    with one_local_replica(default_llm, 64 << 20) as server:
         yield server
 
 

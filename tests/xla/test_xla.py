@@ -22,7 +22,9 @@ from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from gemma_dist.engine.xla_runner import XlaModelRunner, compile_count, device_count, spmd_context  # noqa: E402
 from gemma_dist.model.loading import load_model, open_checkpoint  # noqa: E402
 from gemma_dist.sampling import SamplingParams  # noqa: E402
-from tests.helpers import assert_greedy_agrees, make_tiny_hf_checkpoint, stable_prefix  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_greedy_agrees, default_tokenizer, make_tiny_hf_checkpoint, stable_prefix,
+)
 
 pytestmark = pytest.mark.xla
 GOLDEN = json.loads((Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())
@@ -43,11 +45,7 @@ def test_four_virtual_devices():
 @pytest.fixture(scope="module")
 def tokenizer():
     """The real Gemma tokenizer (the tiny models use ids below 512 of its vocabulary)."""
-    checkpoint = open_checkpoint("default")
-    try:
-        return checkpoint.load_tokenizer()
-    finally:
-        checkpoint.source.close()
+    return default_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["gemma2", "gemma3"])

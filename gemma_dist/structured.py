@@ -1,0 +1,141 @@
+"""Structured output: JSON-schema, regex and choice constraints as token masks (llguidance).
+
+A request's constraint compiles to an llguidance grammar. On the runner that samples, each
+constrained request keeps a `Constraint` (a matcher over the token stream): before a step's
+tokens are picked, it fills the row's allowed-token bitmask, which the batched sampler applies
+to that row only (constrained and free rows share the step); after, it consumes the picked
+token. When the grammar is complete only the end tokens (<eos>, <end_of_turn>) stay allowed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from gemma_dist.tokenizer import Tokenizer
+
+CONSTRAINT_FIELDS = ("json_schema", "regex", "choice")  # SamplingParams fields that constrain the output
+MAX_CHOICES = 256
+# llguidance's JSON layout options: fixed separators (a schema's own "x-guidance" wins).
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class ConstraintError(ValueError):
+    """A constraint does not compile; the message starts with its field's name."""
+
+
+def _llguidance():
+    import llguidance
+
+    return llguidance
+
+
+def grammar_of(json_schema: str | None, regex: str | None, choice: Sequence[str] | None) -> str | None:
+    """The llguidance grammar of at most one constraint, checked (ConstraintError naming the field);
+    None when there is none."""
+    given = [name for name, value in zip(CONSTRAINT_FIELDS, (json_schema, regex, choice)) if value is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConstraintError(f"{given[1]} cannot be combined with {given[0]}: give one constraint")
+    g = _llguidance()
+    if json_schema is not None:
+        try:
+            schema = json.loads(json_schema)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ConstraintError(f"json_schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise ConstraintError("json_schema must be a JSON object (a schema)")
+        if "x-guidance" not in schema:  # one space after "," and ":", no newlines: a sampled run of
+            schema = {**schema, "x-guidance": _JSON_LAYOUT}  # whitespace cannot eat max_tokens
+        field, grammar = "json_schema", g.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    elif regex is not None:
+        field, grammar = "regex", g.LLMatcher.grammar_from_regex(regex)
+    else:
+        if not choice or len(choice) > MAX_CHOICES or not all(isinstance(c, str) and c for c in choice):
+            raise ConstraintError(f"choice must hold 1..{MAX_CHOICES} non-empty strings")
+        field, grammar = "choice", g.grammar_from("choice", json.dumps(list(choice)))
+    error = g.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ConstraintError(f"{field} does not compile: {error.strip().splitlines()[0]}")
+    return grammar
+
+
+@functools.lru_cache(maxsize=4)
+def grammar_tokenizer(tokenizer: "Tokenizer", vocab_size: int):
+    """llguidance's view of the Gemma vocabulary (each token's bytes; control tokens marked
+    special), `vocab_size` wide (the model's logits), ending on <eos> or <end_of_turn>. ~1 s: cached."""
+    g = _llguidance()
+    tokens = []
+    for token_id in range(tokenizer.vocab_size):
+        byte = tokenizer._byte_value(token_id)
+        if byte is not None:
+            tokens.append(bytes([byte]))
+        elif tokenizer.is_special(token_id):
+            tokens.append(b"\xff" + tokenizer.id_to_piece(token_id).encode())
+        else:
+            tokens.append(tokenizer.id_to_piece(token_id).replace("\u2581", " ").encode())
+    ends = sorted(tokenizer.stop_token_ids(chat=True))
+
+    class _Vocabulary:  # what llguidance.TokenizerWrapper reads
+        eos_token_id, bos_token_id = tokenizer.eos_id, tokenizer.bos_id
+        special_token_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)]
+
+        def __init__(self):
+            self.tokens = tokens
+
+        def __call__(self, text: str) -> list[int]:
+            return tokenizer.encode(text, add_bos=False)
+
+    return g.LLTokenizer(g.TokenizerWrapper(_Vocabulary()), n_vocab=max(vocab_size, len(tokens)), eos_token=ends)
+
+
+class Constraint:
+    """One request's grammar state on the sampling runner."""
+
+    def __init__(self, grammar: str, lltokenizer, generated: Sequence[int] = ()):
+        """`generated`: tokens the request already has (a request resumed elsewhere replays them)."""
+        self.matcher = _llguidance().LLMatcher(lltokenizer, grammar)
+        self.ends = list(lltokenizer.eos_tokens)
+        if generated:
+            self.matcher.consume_tokens(list(generated))
+
+    def fill_mask(self, bitmask_row: torch.Tensor) -> None:
+        """Write the allowed next tokens into one int32 bitmask row (bit t of word t // 32); only the
+        end tokens once the grammar is complete or broken."""
+        if self.matcher.is_stopped() or self.matcher.is_error():
+            bitmask_row.zero_()
+            for token in self.ends:
+                bitmask_row[token // 32] |= _bit(token % 32)
+            return
+        self.matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), bitmask_row.numel() * 4)
+
+    def advance(self, token_id: int) -> None:
+        """Consume the picked token (one the mask allowed)."""
+        if not (self.matcher.is_stopped() or self.matcher.is_error()):
+            self.matcher.consume_token(token_id)
+
+
+def _bit(position: int) -> int:
+    """int32 value with only bit `position` set (bit 31 is the sign bit)."""
+    return (1 << position) - (1 << 32 if position == 31 else 0)
+
+
+def mask_rows(logits: torch.Tensor, constraints: Sequence[Constraint | None]) -> torch.Tensor:
+    """A copy of `logits` (B, V) with every constrained row's disallowed tokens at -inf (the rows
+    without a constraint unchanged); `logits` itself unchanged."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    masked = logits.clone()
+    words = (logits.shape[1] + 31) // 32
+    bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)
+    for j, i in enumerate(rows):
+        constraints[i].fill_mask(bitmask[j])
+    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # (R, words, 32)
+    allowed = bits.reshape(len(rows), -1)[:, : logits.shape[1]].bool()
+    index = torch.tensor(rows)
+    masked[index] = masked[index].masked_fill(~allowed, float("-inf"))
+    return masked
