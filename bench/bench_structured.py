@@ -5,7 +5,9 @@ The in-process engine on the real Gemma 3 270M (fp32, CPU) runs N concurrent req
 tokens (ignore_eos, so every request generates exactly O tokens) three ways, alternating so drift
 hits all alike: free, and every request under a JSON schema whose one string field never has to
 end (the mask is computed every step; the grammar never completes), and half constrained. Reports
-output tok/s per mode, the constrained modes' slowdown, and the sampler's mask time per step.
+output tok/s per mode, the constrained modes' slowdown, and the time per step spent computing and
+applying masks (grammar masks, candidate checks, and masking the rows whose best candidates include
+a disallowed token).
 
     .venv/bin/python bench/bench_structured.py [--requests 32] [--output-len 64] [--rounds 2]
 """
@@ -55,16 +57,16 @@ def main() -> int:
         kv_cache_memory=1 << 30, max_num_seqs=args.requests, max_num_batched_tokens=4096))
     texts = prompts(args.requests, args.prompt_len, engine.model_config.vocab_size)  # random ordinary token ids
     mask_seconds = [0.0]
-    plain_mask_rows = structured.mask_rows
+    plain_masked_rows = structured.masked_rows
 
-    def timed_mask_rows(logits, constraints):
+    def timed_masked_rows(logits, rows):
         start = time.perf_counter()
         try:
-            return plain_mask_rows(logits, constraints)
+            return plain_masked_rows(logits, rows)
         finally:
             mask_seconds[0] += time.perf_counter() - start
 
-    structured.mask_rows = timed_mask_rows
+    structured.masked_rows = timed_masked_rows  # the sampler looks it up at each call
     run(engine, texts[:4], 4, 1)  # warm-up: kernels, the grammar tokenizer
     modes = {"free": None, "all constrained": 1, "half constrained": 2}
     totals = {name: [0.0, 0, 0.0, 0] for name in modes}  # seconds, tokens, mask seconds, steps

@@ -307,9 +307,7 @@ class Sampler:
             return SampleResult(token_ids=[], logprobs=[])
         constraints = [row.constraint for row in rows]
         if any(c is not None for c in constraints):  # structured output: pick among allowed tokens only
-            from gemma_dist.structured import mask_rows
-
-            token_ids = self._choose_tokens(mask_rows(logits, constraints), rows)
+            token_ids = self._choose_constrained(logits, rows)
             for constraint, token in zip(constraints, token_ids.tolist()):
                 if constraint is not None:
                     constraint.advance(token)
@@ -334,6 +332,22 @@ class Sampler:
                 picked = self._sample_group(kind, k, group_logits, knobs)
             token_ids[row_indices] = picked
         return token_ids
+
+    def _choose_constrained(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """`_choose_tokens` with structured-output rows restricted to their allowed tokens: the rows
+        that need it are masked in place for the choice and restored after (logprobs stay raw)."""
+        from gemma_dist.structured import masked_rows
+
+        masked = masked_rows(logits, rows)
+        if masked is None:
+            return self._choose_tokens(logits, rows)
+        index, values = masked
+        saved = logits[index]  # a copy (advanced indexing)
+        logits[index] = values
+        try:
+            return self._choose_tokens(logits, rows)
+        finally:
+            logits[index] = saved
 
     def _sample_group(
         self, kind: str, k: int, logits: torch.Tensor, knobs: _RowKnobs

@@ -13,6 +13,7 @@ import functools
 import json
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -125,17 +126,66 @@ def _bit(position: int) -> int:
     return (1 << position) - (1 << 32 if position == 31 else 0)
 
 
+MAX_CHECKED_CANDIDATES = 1024  # rows sampling from more candidates than this always get the whole mask
+
+
+def masked_rows(logits: torch.Tensor, rows) -> tuple[list[int], torch.Tensor] | None:
+    """For the constrained rows of a (B, V) logits batch (SamplingRows with a constraint): which
+    rows need their disallowed tokens masked, and those rows (R, V) masked (-inf); None when none
+    does. A row whose sampler only looks at its best k logits (greedy: 1; top-k without penalties:
+    k) needs no mask when those k are all allowed and strictly above the next: the masked row's
+    best k are then the same tokens, so it picks what the masked row would (the common case,
+    which skips unpacking a 262,144-bit mask)."""
+    constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
+    vocab = logits.shape[1]
+    bitmask = torch.full((len(constrained), (vocab + 31) // 32), -1, dtype=torch.int32)
+    for j, i in enumerate(constrained):
+        rows[i].constraint.fill_mask(bitmask[j])
+    wanted = [_candidates(rows[i].params, vocab) for i in constrained]
+    need = [j for j, k in enumerate(wanted) if k is None]
+    checked = [j for j, k in enumerate(wanted) if k is not None]
+    if checked:
+        from gemma_dist.sampling import blockwise_topk
+
+        picked = [constrained[j] for j in checked]
+        block = logits if len(picked) == logits.shape[0] else logits[picked].contiguous()
+        values, ids = blockwise_topk(block, max(wanted[j] for j in checked) + 1)  # (C, kmax + 1)
+        words = bitmask[checked].gather(1, ids // 32)  # (C, kmax + 1) the int32 word of each candidate
+        allowed = ((words >> (ids % 32).to(torch.int32)) & 1).bool()
+        for c, j in enumerate(checked):
+            k = wanted[j]
+            if not (bool(allowed[c, :k].all()) and bool(values[c, k - 1] > values[c, k])):
+                need.append(j)
+    if not need:
+        return None
+    need.sort()
+    bits = np.unpackbits(bitmask[need].numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    allowed_all = torch.from_numpy(bits).bool()  # (R, V)
+    index = [constrained[j] for j in need]
+    return index, logits[index].masked_fill_(~allowed_all, float("-inf"))
+
+
+def _candidates(params, vocab: int) -> int | None:
+    """The best logits a row's sampler looks at (None: all of them, or penalized ones)."""
+    if params.has_penalties:
+        return None
+    if params.is_greedy:
+        return 1
+    if 0 < params.top_k <= min(MAX_CHECKED_CANDIDATES, vocab - 1):
+        return params.top_k
+    return None
+
+
 def mask_rows(logits: torch.Tensor, constraints: Sequence[Constraint | None]) -> torch.Tensor:
     """A copy of `logits` (B, V) with every constrained row's disallowed tokens at -inf (the rows
-    without a constraint unchanged); `logits` itself unchanged."""
+    without a constraint unchanged); `logits` itself unchanged (tests and tools; the sampler uses
+    `masked_rows`)."""
     rows = [i for i, c in enumerate(constraints) if c is not None]
     masked = logits.clone()
-    words = (logits.shape[1] + 31) // 32
-    bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)
+    bitmask = torch.full((len(rows), (logits.shape[1] + 31) // 32), -1, dtype=torch.int32)
     for j, i in enumerate(rows):
         constraints[i].fill_mask(bitmask[j])
-    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # (R, words, 32)
-    allowed = bits.reshape(len(rows), -1)[:, : logits.shape[1]].bool()
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
     index = torch.tensor(rows)
-    masked[index] = masked[index].masked_fill(~allowed, float("-inf"))
+    masked[index] = masked[index].masked_fill(~torch.from_numpy(bits).bool(), float("-inf"))
     return masked

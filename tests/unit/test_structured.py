@@ -82,3 +82,36 @@ def test_constrained_rows_need_their_whole_vocabulary_row_under_tensor_paralleli
     assert shard_candidates(SamplingRow(params, [2], [])) is None  # a rank that does not sample
     assert shard_candidates(SamplingRow(params, [2], [], constraint=Constraint(params.grammar, lltokenizer))) is None
     assert shard_candidates(SamplingRow(SamplingParams(temperature=0), [2], [])) == 1
+
+
+def test_skipping_the_mask_when_the_best_candidates_are_allowed_picks_what_the_mask_picks(tokenizer, lltokenizer):
+    """The sampler masks a constrained row only when its best candidates include a disallowed
+    token; either way it must pick exactly what sampling from the fully masked row picks."""
+    story = grammar_of(json.dumps({"type": "object", "properties": {"story": {"type": "string"}}}), None, None)
+    digits = grammar_of(None, "[0-9]{1,8}", None)
+    prefix = tokenizer.encode('{"story": "Once upon', add_bos=False)
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=40),
+             SamplingParams(temperature=0.8, top_k=0, top_p=0.9), SamplingParams(temperature=0, presence_penalty=1.0)]
+    g = torch.Generator().manual_seed(1)
+    for trial in range(6):
+        logits = torch.randn(8, tokenizer.vocab_size, generator=g) * 4
+        if trial % 2:  # make the free text's best tokens likely: the mask then is mostly skipped
+            logits[:, tokenizer.encode(" a time there", add_bos=False)] += 30
+        fast_rows = rows_in_states(story, digits, prefix, kinds, lltokenizer, with_state=True)
+        reference_rows = rows_in_states(story, digits, prefix, kinds, lltokenizer, with_state=False)
+        masked = mask_rows(logits, [c for _, c in reference_rows])
+        fast = Sampler(seed=trial)(logits, [r for r, _ in fast_rows])
+        reference = Sampler(seed=trial)(masked, [r for r, _ in reference_rows])
+        assert fast.token_ids == reference.token_ids
+
+
+def rows_in_states(story, digits, prefix, kinds, lltokenizer, with_state: bool):
+    """8 (row, constraint) pairs: odd rows inside a JSON string, even rows at a digit regex's start;
+    the rows carry their constraint only `with_state` (the reference samples pre-masked logits)."""
+    out = []
+    for i in range(8):
+        grammar, done = (story, prefix) if i % 2 else (digits, [])
+        constraint = Constraint(grammar, lltokenizer, done)
+        out.append((SamplingRow(kinds[i % 4], [2], list(done), constraint=constraint if with_state else None),
+                    constraint))
+    return out
