@@ -11,10 +11,16 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import sys
 import time
 
 log = logging.getLogger("gemma_dist.serve")
 DRAIN_SECONDS = 30.0  # SIGTERM: finish in-flight requests for up to this long
+
+
+class _RayGone(Exception):
+    """The Ray cluster died with us (a signal to the whole process group): leave without Ray."""
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -23,7 +29,28 @@ def serve(args: argparse.Namespace) -> int:
     from gemma_dist.cli import check_serve_args
 
     check_serve_args(args)
-    return asyncio.run(_serve(args))
+    try:
+        return asyncio.run(_serve(args))
+    except _RayGone:
+        # Ray's own exit hooks would wait for the dead GCS, and its core worker aborts the process
+        # after 60 s without one: exit now, the gateway's work done.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def ray_reachable(timeout: float = 1.0) -> bool:
+    """Whether the Ray cluster's GCS still accepts connections. A SIGTERM sent to the whole process
+    group (systemd's default stop, `kill -TERM -PGID`) also kills the local cluster `ray.init()`
+    started under this process, and its actors."""
+    import ray
+
+    try:
+        host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cluster_device(device: str, resources: dict) -> str:
@@ -108,12 +135,20 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining: no new requests; finishing in-flight ones for up to %.0fs", DRAIN_SECONDS)
-    if http is not None:
-        await asyncio.gather(server.stop(grace=DRAIN_SECONDS), http.stop())
+    await asyncio.sleep(0.2)  # a signal to the whole group: let the local Ray processes finish dying first
+    alive = ray_reachable()
+    grace = DRAIN_SECONDS if alive else 0.0  # without Ray, nothing in flight can finish
+    if alive:
+        log.info("draining: no new requests; finishing in-flight ones for up to %.0fs", DRAIN_SECONDS)
     else:
-        await server.stop(grace=DRAIN_SECONDS)
+        log.warning("the Ray cluster is gone (the signal reached its processes too): ending in-flight requests")
     server.metrics_task.cancel()
+    if http is not None:
+        await asyncio.gather(server.stop(grace=grace), http.stop())
+    else:
+        await server.stop(grace=grace)
+    if not alive:
+        raise _RayGone()
     for replica in replicas:
         replica.shutdown()
     ray.shutdown()

@@ -51,6 +51,42 @@ def test_serve_generate_and_drain_on_sigterm():
             server.kill()
 
 
+def test_sigterm_to_the_whole_process_group_exits_0_at_once():
+    """systemd's default stop and `kill -TERM -PGID` also reach the local Ray cluster that serve
+    started: the gateway must not wait 60 s for a dead GCS and exit 1. A stream in flight ends
+    (its replica died with the group), and the server exits 0 well inside the drain window."""
+    import grpc
+
+    from gemma_dist.client import Client
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port),
+                               "--metrics-port", "0", "--http-port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        for line in server.stdout:
+            if f"on 127.0.0.1:{port}" in line or time.time() > deadline:
+                break
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            stream = client.generate_stream("Once upon a time", temperature=0, max_tokens=200, ignore_eos=True)
+            assert next(stream).token_ids
+            started = time.monotonic()
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                for _ in stream:
+                    pass
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), e
+        assert server.wait(timeout=30) == 0
+        assert time.monotonic() - started < 30
+        assert "the Ray cluster is gone" in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
 def test_a_taken_http_port_fails_at_once_in_one_line():
     import socket
 
