@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tp", type=int, default=1,
                        help="tensor-parallel ranks per replica; with --device xla, TPU hosts per replica "
                             "(one actor per host shards the model over all its chips)")
+    serve.add_argument("--step-timeout", type=float, default=None,
+                       help="seconds after which a replica's step counts as hung (a stuck collective) and the "
+                            "replica is rebuilt (default: 3x the longest legitimate step, a full prefill chunk at "
+                            "the longest context, at a pessimistic speed for the device; at least 30)")
     serve.add_argument("--placement-timeout", type=float, default=600.0,
                        help="seconds to wait for the cluster to fit a replica (its GPUs / TPU hosts) before failing")
     serve.add_argument("--max-model-len", type=int, default=None,
@@ -150,6 +154,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--queue-timeout must be > 0, got {args.queue_timeout:g}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if args.step_timeout is not None and not args.step_timeout > 0:
+        raise ValueError(f"--step-timeout must be > 0, got {args.step_timeout:g}")
     if not args.placement_timeout > 0:
         raise ValueError(f"--placement-timeout must be > 0, got {args.placement_timeout:g}")
     if args.threads_per_worker < 0:

@@ -47,6 +47,26 @@ class _RemoteStep:
 
 DISPATCH_MODES = ("compiled-graph", "actor-calls")
 
+# The step watchdog (--step-timeout). Its default is 3x the longest step a replica may legitimately
+# run (a full prefill chunk at the longest context) at the slowest speed a shard is assumed to keep
+# (a loaded, shared CPU; a busy accelerator), and at least STEP_TIMEOUT_FLOOR_S.
+_SLOW_FLOPS = {"cpu": 20e9, "cuda": 2e12, "xla": 2e12}  # FLOP/s per shard
+STEP_TIMEOUT_FLOOR_S = 30.0
+
+
+def default_step_timeout(model_config, config: EngineConfig, device: str, tp: int) -> float:
+    """Seconds after which a step (a collective) counts as hung, from the model and the step limits:
+    matmul FLOPs of max_num_batched_tokens tokens, plus attention over max_model_len positions
+    (a sliding-window layer's over its window and the chunk only), split over tp shards."""
+    c = model_config
+    tokens = config.max_num_batched_tokens
+    context = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+    keys = [context if kind.value == "global" else min(context, (c.sliding_window or context) + tokens)
+            for kind in c.layer_kinds]
+    flops = 2 * c.num_params * tokens + sum(4 * c.num_heads * c.head_dim * tokens * k for k in keys)
+    rate = _SLOW_FLOPS.get(device.split(":")[0], _SLOW_FLOPS["cpu"]) * tp
+    return max(STEP_TIMEOUT_FLOOR_S, 3 * flops / rate)
+
 
 def resolve_dispatch(dispatch: str, device: str) -> str:
     """"auto": a compiled graph where the model runs on an accelerator, actor calls on CPU.

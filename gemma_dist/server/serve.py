@@ -67,7 +67,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from gemma_dist.engine.llm_engine import EngineConfig
     from gemma_dist.engine.xla_runner import DEFAULT_MAX_MODEL_LEN
     from gemma_dist.model.loading import open_checkpoint
-    from gemma_dist.runtime.replica import RayReplica
+    from gemma_dist.runtime.replica import RayReplica, default_step_timeout
     from gemma_dist.server.gateway import GemmaServicer, start_server
     from gemma_dist.server.validation import ServedModel
 
@@ -97,11 +97,12 @@ async def _serve(args: argparse.Namespace) -> int:
                                  prefix_caching=args.prefix_caching, kv_window_pool=args.kv_window_pool)
     # Each shard worker uses its share of this host's cores (Ray would pin it to one thread).
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // (args.tp * args.replicas))
-    log.info("device %s, dtype %s, max_model_len %d", device, dtype, max_model_len)
+    step_timeout = args.step_timeout or default_step_timeout(config, engine_config, device, args.tp)
+    log.info("device %s, dtype %s, max_model_len %d, step watchdog %.0fs", device, dtype, max_model_len, step_timeout)
 
     def make_replica(name: str) -> RayReplica:
         return RayReplica(args.model, dtype, args.variant, args.tp, engine_config,
-                          threads_per_worker=threads, name=name, device=device,
+                          threads_per_worker=threads, name=name, device=device, step_timeout=step_timeout,
                           placement_timeout=args.placement_timeout, dispatch=args.step_dispatch)
 
     loop = asyncio.get_running_loop()

@@ -540,6 +540,7 @@ def test_dry_run_shows_the_step_limits_and_dispatch(capsys):
     (["--queue-timeout", "0"], "--queue-timeout"),
     (["--kv-cache-memory", "0"], "--kv-cache-memory"),
     (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--step-timeout", "0"], "--step-timeout"),
     (["--max-num-seqs", "128", "--max-num-batched-tokens", "64"], "--max-num-batched-tokens"),
 ])
 def test_dry_run_rejects_bad_values_naming_the_flag(argv, flag, capsys):

@@ -96,3 +96,19 @@ def test_a_replica_the_cluster_cannot_fit_fails_fast_naming_the_resources(ray_cl
                    device="cuda", placement_timeout=2)
     states = [pg["state"] for pg in ray.util.placement_group_table().values()]
     assert len(states) >= before and states.count("PENDING") == 0  # its placement group was removed
+
+
+def test_the_default_step_watchdog_follows_the_model_the_batch_and_the_device():
+    """Not a fixed 120 s: 3x the longest legitimate step at a pessimistic speed, at least 30 s."""
+    from gemma_dist.config import VARIANTS
+    from gemma_dist.runtime.replica import STEP_TIMEOUT_FLOOR_S, default_step_timeout
+
+    small, large = VARIANTS["gemma-3-270m"], VARIANTS["gemma-3-27b"]
+    base = EngineConfig()
+    cpu = default_step_timeout(small, base, "cpu", 1)
+    assert cpu > 120  # a 2,048-token chunk at a 32k context is minutes of work on a slow CPU
+    assert default_step_timeout(small, base, "cpu", 2) < cpu  # shards split the work
+    assert default_step_timeout(small, EngineConfig(max_num_batched_tokens=8192), "cpu", 1) > 3 * cpu
+    assert default_step_timeout(small, EngineConfig(max_model_len=4096), "cpu", 1) < cpu
+    assert default_step_timeout(small, base, "cuda", 1) == STEP_TIMEOUT_FLOOR_S  # fast device: the floor
+    assert default_step_timeout(large, base, "cuda", 1) > default_step_timeout(large, base, "cuda", 8)
