@@ -147,7 +147,7 @@ class SamplingParams:
         for name in ("json_schema", "regex"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise SamplingParamsError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
-        if self.json_schema is not None or self.regex is not None or self.choice is not None:
+        if self.constrained:
             from gemma_dist.structured import ConstraintError, grammar_of
 
             try:
@@ -158,8 +158,6 @@ class SamplingParams:
     @property
     def grammar(self) -> str | None:
         """The llguidance grammar of the structured-output constraint, or None."""
-        if self.json_schema is None and self.regex is None and self.choice is None:
-            return None
         from gemma_dist.structured import grammar_of
 
         return grammar_of(self.json_schema, self.regex, self.choice)

@@ -38,6 +38,16 @@ def _llguidance():
 def grammar_of(json_schema: str | None, regex: str | None, choice: Sequence[str] | None) -> str | None:
     """The llguidance grammar of at most one constraint, checked (ConstraintError naming the field);
     None when there is none."""
+    if choice is not None and not (isinstance(choice, (list, tuple)) and 0 < len(choice) <= MAX_CHOICES
+                                   and all(isinstance(c, str) and c for c in choice)):
+        raise ConstraintError(f"choice must hold 1..{MAX_CHOICES} non-empty strings")
+    return _compiled_grammar(json_schema, regex, None if choice is None else tuple(choice))
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_grammar(json_schema: str | None, regex: str | None, choice: tuple[str, ...] | None) -> str | None:
+    """`grammar_of` for hashable arguments, cached: a request's constraint is compiled where it is
+    validated (the gateway) and again where it is sampled, and many requests share one schema."""
     given = [name for name, value in zip(CONSTRAINT_FIELDS, (json_schema, regex, choice)) if value is not None]
     if not given:
         return None
@@ -57,8 +67,6 @@ def grammar_of(json_schema: str | None, regex: str | None, choice: Sequence[str]
     elif regex is not None:
         field, grammar = "regex", g.LLMatcher.grammar_from_regex(regex)
     else:
-        if not choice or len(choice) > MAX_CHOICES or not all(isinstance(c, str) and c for c in choice):
-            raise ConstraintError(f"choice must hold 1..{MAX_CHOICES} non-empty strings")
         field, grammar = "choice", g.grammar_from("choice", json.dumps(list(choice)))
     error = g.LLMatcher.validate_grammar(grammar)
     if error:
@@ -138,9 +146,7 @@ def masked_rows(logits: torch.Tensor, rows) -> tuple[list[int], torch.Tensor] | 
     which skips unpacking a 262,144-bit mask)."""
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     vocab = logits.shape[1]
-    bitmask = torch.full((len(constrained), (vocab + 31) // 32), -1, dtype=torch.int32)
-    for j, i in enumerate(constrained):
-        rows[i].constraint.fill_mask(bitmask[j])
+    bitmask = _bitmasks([rows[i].constraint for i in constrained], vocab)
     wanted = [_candidates(rows[i].params, vocab) for i in constrained]
     need = [j for j, k in enumerate(wanted) if k is None]
     checked = [j for j, k in enumerate(wanted) if k is not None]
@@ -159,10 +165,22 @@ def masked_rows(logits: torch.Tensor, rows) -> tuple[list[int], torch.Tensor] | 
     if not need:
         return None
     need.sort()
-    bits = np.unpackbits(bitmask[need].numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-    allowed_all = torch.from_numpy(bits).bool()  # (R, V)
     index = [constrained[j] for j in need]
-    return index, logits[index].masked_fill_(~allowed_all, float("-inf"))
+    return index, logits[index].masked_fill_(~_allowed(bitmask[need], vocab), float("-inf"))
+
+
+def _bitmasks(constraints: Sequence[Constraint], vocab: int) -> torch.Tensor:
+    """(R, ceil(V / 32)) int32: each constraint's allowed next tokens (bit t of word t // 32)."""
+    bitmask = torch.full((len(constraints), (vocab + 31) // 32), -1, dtype=torch.int32)
+    for row, constraint in zip(bitmask, constraints):
+        constraint.fill_mask(row)
+    return bitmask
+
+
+def _allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(R, V) bool from `_bitmasks` rows."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    return torch.from_numpy(bits).bool()
 
 
 def _candidates(params, vocab: int) -> int | None:
@@ -182,10 +200,7 @@ def mask_rows(logits: torch.Tensor, constraints: Sequence[Constraint | None]) ->
     `masked_rows`)."""
     rows = [i for i, c in enumerate(constraints) if c is not None]
     masked = logits.clone()
-    bitmask = torch.full((len(rows), (logits.shape[1] + 31) // 32), -1, dtype=torch.int32)
-    for j, i in enumerate(rows):
-        constraints[i].fill_mask(bitmask[j])
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
+    allowed = _allowed(_bitmasks([constraints[i] for i in rows], logits.shape[1]), logits.shape[1])
     index = torch.tensor(rows)
-    masked[index] = masked[index].masked_fill(~torch.from_numpy(bits).bool(), float("-inf"))
+    masked[index] = masked[index].masked_fill(~allowed, float("-inf"))
     return masked

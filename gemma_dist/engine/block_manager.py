@@ -220,8 +220,8 @@ class BlockManager:
         while run < len(keys) and all(keys[run] in self._cached[g] for g in self._global_groups):
             run += 1
         if self._local_groups:
-            last_missing = -1  # latest block below `length` some LOCAL group lacks
-            missing_before = []
+            last_missing = -1  # the latest block so far that some LOCAL group lacks
+            missing_before = []  # [k]: the latest such block below k, for every run length k
             for index in range(run):
                 missing_before.append(last_missing)
                 if not all(keys[index] in self._cached[g] for g in self._local_groups):
