@@ -91,6 +91,7 @@ class Tokenizer:
         spec = model.normalizer_spec
         self._strips_leading_space = spec.add_dummy_prefix or spec.remove_extra_whitespaces
         self._removes_extra_whitespaces = spec.remove_extra_whitespaces
+        self._surfaces: dict[int, str] = {}  # id -> its unstripped surface, filled as ids are detokenized
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -230,17 +231,25 @@ class Tokenizer:
 
     def _piece_surface(self, token_id: int, strip_leading_space: bool) -> tuple[str, bool]:
         """(text, stripped) for one non-byte piece, exactly as sentencepiece's decoder spells it."""
+        if not strip_leading_space:  # every piece after the first: one dict lookup per token
+            surface = self._surfaces.get(token_id)
+            if surface is None:
+                surface = self._surfaces[token_id] = self._plain_surface(token_id)
+            return surface, False
         piece = self._sp.id_to_piece(token_id)
+        if self._sp.is_control(token_id) or self._sp.is_unknown(token_id) or not self._strips_leading_space \
+                or not piece.startswith(_SPACE):
+            return self._plain_surface(token_id), False
+        # With remove_extra_whitespaces every leading "▁" goes, so sentencepiece keeps looking.
+        return piece[1:].replace(_SPACE, " "), not self._removes_extra_whitespaces
+
+    def _plain_surface(self, token_id: int) -> str:
+        """One non-byte piece's text when no leading space is stripped."""
         if self._sp.is_control(token_id):
-            return "", False
+            return ""
         if self._sp.is_unknown(token_id):
-            return self._unk_surface, False
-        stripped = False
-        if strip_leading_space and self._strips_leading_space and piece.startswith(_SPACE):
-            piece = piece[1:]
-            # With remove_extra_whitespaces every leading "▁" goes, so sentencepiece keeps looking.
-            stripped = not self._removes_extra_whitespaces
-        return piece.replace(_SPACE, " "), stripped
+            return self._unk_surface
+        return self._sp.id_to_piece(token_id).replace(_SPACE, " ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,14 +346,14 @@ class IncrementalDetokenizer:
         token_id = int(token_id)
         if not 0 <= token_id < self._tok.vocab_size:
             raise ValueError(f"token id {token_id} is out of range [0, {self._tok.vocab_size})")
-        if self._skip and self._tok.is_special(token_id):
+        if self._skip and token_id in self._tok._special_ids:
             # decode() filters these out before sentencepiece sees them, so a byte run continues across them.
             return ""
-        byte = self._tok._byte_value(token_id)
+        byte = self._tok._byte_values.get(token_id)
         if byte is not None:
             self._pending.append(byte)
             return self._emit(self._drain_bytes(final=False))
-        delta = self._drain_bytes(final=True)
+        delta = self._drain_bytes(final=True) if self._pending else ""
         if self._bos_ws_seen or self._parts or delta:
             self._at_start = False
         surface, self._bos_ws_seen = self._tok._piece_surface(token_id, self._at_start)

@@ -554,27 +554,30 @@ class LLMEngine:
         """Text of the tokens appended since the last delta; stop strings; the delta."""
         seq = request.seq
         reason = seq.finish_reason
+        outputs = seq.output_token_ids
+        emitted = request.emitted_tokens
+        new_tokens = outputs[emitted:]
         checked = len(seq.text)
-        for token in seq.output_token_ids[request.emitted_tokens:]:
-            seq.text += request.detokenizer.push(token)
+        push = request.detokenizer.push
+        added = push(new_tokens[0]) if len(new_tokens) == 1 else "".join(map(push, new_tokens))
         if reason is not None:
-            seq.text += request.detokenizer.flush()
+            added += request.detokenizer.flush()
+        if added:
+            seq.text += added
         if seq.params.stop:
             at = find_stop_string(seq.text, checked, seq.params.stop)
             if at is not None:
                 seq.text, reason = seq.text[:at], FinishReason.STOP
-        seq.finish_reason = reason
+                seq.finish_reason = reason
         # Hold back text that might be the start of a stop string until it is decided.
-        safe = len(seq.text) if reason is not None else max(request.emitted_text, len(seq.text) - request.hold_back)
-        text = seq.text[request.emitted_text: safe]
+        end = len(seq.text)
+        safe = end if reason is not None else max(request.emitted_text, end - request.hold_back)
+        text = seq.text[request.emitted_text: safe] if safe > request.emitted_text else ""
         request.emitted_text = safe
-        new_tokens = seq.output_token_ids[request.emitted_tokens:]
-        new_logprobs = seq.logprobs[request.emitted_tokens:] if seq.params.logprobs else []
-        first = request.emitted_tokens == 0
-        request.emitted_tokens = len(seq.output_token_ids)
+        new_logprobs = seq.logprobs[emitted:] if seq.params.logprobs else []
+        request.emitted_tokens = len(outputs)
         return RequestDelta(seq.request_id, new_tokens, text, reason, new_logprobs,
-                            len(seq.prompt_token_ids), len(seq.output_token_ids),
-                            request.queue_seconds if first else None)
+                            len(seq.prompt_token_ids), len(outputs), request.queue_seconds if not emitted else None)
 
 
 class EngineStoppedError(RuntimeError):

@@ -188,12 +188,15 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
         planned: set[int] = set()  # id() of sequences already in the plan
+        block_size = self.blocks.block_size
         for seq in self.running:  # decodes first: the running streams never stall
-            if seq.num_tokens - seq.num_cached != 1 or seq.awaits_last_token or seq not in self.running:
+            num_tokens = seq.num_tokens
+            if num_tokens - seq.num_cached != 1 or seq.awaits_last_token or seq not in self.running:
                 continue  # (not decoding, its last token is being computed, or preempted meanwhile)
-            if not self._make_room(seq, seq.num_tokens, preempted):
+            # The table usually covers the new position already (all but one step in block_size).
+            if num_tokens > len(seq.block_table) * block_size and not self._make_room(seq, num_tokens, preempted):
                 continue  # seq itself was preempted
-            scheduled.append(ScheduledSequence.plan(seq, 1))
+            scheduled.append(ScheduledSequence(seq, 1, True))  # (one uncached token: its last)
             planned.add(id(seq))
             budget -= 1
         for seq in self.running:  # prompts part-way through their chunked prefill
@@ -299,5 +302,5 @@ class Scheduler:
             seq.num_cached += item.num_tokens
             if caching and seq.num_cached >= (seq.registered_blocks + 1) * block_size:  # a block filled up
                 self._register_full_blocks(seq)
-            if windowed and seq.block_table:
+            if windowed and blocks.window_start(seq.num_cached) > seq.window_freed:  # a block left the window
                 seq.window_freed = blocks.free_outside_window(seq.block_table, seq.window_freed, seq.num_cached)
