@@ -11,7 +11,7 @@ from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "stop_token_ids", "seed",
                     "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos", "n",
-                    "json_schema", "regex", "choice")
+                    "json_schema", "regex", "choice", "beam_width", "length_penalty", "early_stopping")
 
 
 class Client:

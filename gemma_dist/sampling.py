@@ -49,6 +49,7 @@ import torch
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # each beam's step reports its best 2 x beam_width tokens as logprobs
 MAX_ABS_PRESENCE_FREQUENCY_PENALTY = 2.0
 SEED_LIMIT = 2**64  # seeds are proto uint64
 
@@ -90,6 +91,13 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
+    # Beam search (gemma_dist.beam_search) when beam_width >= 1 (0: sampling): keep the beam_width
+    # most likely hypotheses by the model's log-probabilities (temperature, top_p, top_k, min_p and seed do not
+    # apply), rank finished ones by cumulative logprob / length ** length_penalty, and with
+    # early_stopping end as soon as beam_width of them finished.
+    beam_width: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
     def __post_init__(self) -> None:
         def set_field(name: str, value: object) -> None:
@@ -154,6 +162,26 @@ class SamplingParams:
                 grammar_of(self.json_schema, self.regex, self.choice)  # compiles it: fails here, not mid-generation
             except ConstraintError as e:
                 raise SamplingParamsError(str(e)) from None
+        self._check_beam_search(set_field)
+
+    def _check_beam_search(self, set_field) -> None:
+        """Validate the beam-search fields, and the fields beam search cannot honour."""
+        beam_width = _integer("beam_width", self.beam_width)
+        _require(0 <= beam_width <= MAX_BEAM_WIDTH, "beam_width", f"must be in [0, {MAX_BEAM_WIDTH}]", beam_width)
+        set_field("beam_width", beam_width)
+        set_field("length_penalty", _finite_real("length_penalty", self.length_penalty))
+        if not isinstance(self.early_stopping, bool):
+            raise SamplingParamsError(f"early_stopping must be a bool, got {self.early_stopping!r}")
+        if not beam_width:
+            return
+        unsupported = [name for name, off in (("stop", not self.stop), ("repetition_penalty", self.repetition_penalty == 1),
+                                              ("presence_penalty", self.presence_penalty == 0),
+                                              ("frequency_penalty", self.frequency_penalty == 0),
+                                              ("json_schema", self.json_schema is None), ("regex", self.regex is None),
+                                              ("choice", self.choice is None)) if not off]
+        if unsupported:
+            raise SamplingParamsError(f"{unsupported[0]} is not supported with beam search (beam_width "
+                                      f"{beam_width}); beams are ranked by the model's own log-probabilities")
 
     @property
     def grammar(self) -> str | None:
@@ -166,6 +194,11 @@ class SamplingParams:
     def constrained(self) -> bool:
         """True when a structured-output constraint is set."""
         return self.json_schema is not None or self.regex is not None or self.choice is not None
+
+    @property
+    def beam_search(self) -> bool:
+        """True when the request runs beam search (beam_width >= 1)."""
+        return self.beam_width >= 1
 
     @property
     def is_greedy(self) -> bool:

@@ -13,6 +13,7 @@ import numbers
 from typing import Mapping, Sequence as Seq
 
 
+from gemma_dist import beam_search as beams
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.model.layers import set_batch_invariant
 from gemma_dist.sampling import SamplingParams, TokenLogprob
@@ -33,6 +34,26 @@ class RequestOutput:
     token_ids: list[int]  # generated token ids
     finish_reason: str  # "stop" or "length"
     logprobs: list[TokenLogprob] | None  # per generated token, when params.logprobs > 0
+
+
+@dataclasses.dataclass
+class BeamSequence:
+    """One hypothesis of a beam search."""
+
+    text: str  # generated text
+    token_ids: list[int]  # generated token ids (an end token included, as in sampling)
+    cumulative_logprob: float  # summed log-probabilities of token_ids
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[TokenLogprob] | None  # per generated token, when params.logprobs > 0
+
+
+@dataclasses.dataclass
+class BeamSearchOutput:
+    """The best hypotheses for one prompt, best first."""
+
+    prompt: str | None  # the prompt text (None when token ids were given)
+    prompt_token_ids: list[int]
+    sequences: list[BeamSequence]
 
 
 class LLM:
@@ -84,6 +105,34 @@ class LLM:
             conversations = [conversations]
         params = _per_prompt(sampling_params, len(conversations))
         return self._run([dict(chat=c) for c in conversations], params)
+
+    def beam_search(self, prompts: Prompt | Seq[Prompt], params: SamplingParams,
+                    n: int | None = None) -> list[BeamSearchOutput]:
+        """Beam search (params.beam_width, length_penalty, early_stopping, max_tokens, ignore_eos,
+        stop_token_ids, logprobs) for each prompt, all prompts' beams batched together; the best
+        n (default beam_width) hypotheses per prompt. Each step runs every live beam as a
+        single-token request (gemma_dist.beam_search); prefix caching shares their blocks."""
+        if not params.beam_search:
+            raise ValueError("beam_width: LLM.beam_search needs beam_width >= 1")
+        if isinstance(prompts, (str, Mapping)) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
+            prompts = [prompts]
+        prompts = [_prompt_of(p) for p in prompts]
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        eos = self.tokenizer.stop_token_ids(chat=False)
+        searches = [beams.search_for(params, len(p), self.engine.max_model_len, eos, n or params.beam_width)
+                    for p in ids]
+        per_step = beams.step_params(params)
+        while not all(search.done for search in searches):
+            live = [(search, ids[i]) for i, search in enumerate(searches) if not search.done]
+            inputs = [dict(prompt=prompt + list(beam.token_ids)) for search, prompt in live for beam in search.live]
+            steps = iter(self._run(inputs, [per_step] * len(inputs)))
+            for search, _ in live:
+                search.advance([next(steps).logprobs[0].top for _ in search.live])
+        return [BeamSearchOutput(text, prompt, [
+            BeamSequence(self.tokenizer.decode(beam.token_ids), list(beam.token_ids), beam.cumulative_logprob,
+                         beam.finish_reason, beams.token_logprobs(beam, params.logprobs) if params.logprobs else None)
+            for beam in search.best()]) for text, prompt, search in zip(texts, ids, searches)]
 
     def _run(self, inputs: list[dict], params: list[SamplingParams]) -> list[RequestOutput]:
         ids = [f"offline-{next(self._ids)}" for _ in inputs]

@@ -135,6 +135,7 @@ class RequestDelta:
     prompt_tokens: int
     completion_tokens: int  # generated so far
     queue_seconds: float | None = None  # on a request's first delta: arrival → first scheduled
+    cumulative_logprob: float | None = None  # a beam-search result's summed token logprobs
 
 
 @dataclasses.dataclass
@@ -335,6 +336,9 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
+        if params.beam_search:
+            raise ValueError("beam_width: beam search runs in LLM.beam_search or the gateway, which drive the "
+                             "engine with one single-token request per beam")
         text, ids = self._prompt_ids(prompt, chat)
         is_chat = chat is not None or chat_template
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params,

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from gemma_dist import beam_search
 from gemma_dist.engine.llm_engine import RequestDelta
 from gemma_dist.engine.sequence import FinishReason
 from gemma_dist.runtime import ReplicaFailure
@@ -79,7 +80,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         self._ids = itertools.count()
         self._in_flight: dict[str, Replica] = {}  # request id → the replica streaming it (for Abort)
         self._sample_ids: dict[str, list[str]] = {}  # request id with n > 1 → its samples' ids
-        self._unstarted_aborts: set[str] = set()  # samples aborted before they started
+        self._aborted_samples: set[str] = set()  # samples (and beam steps) named by an Abort, started or not
 
     # ------------------------------------------------------------------ RPCs
 
@@ -170,14 +171,15 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
                                 f"request_ids: at most {MAX_ABORT_IDS}, got {len(request.request_ids)}")
         aborted = []
         for request_id in dict.fromkeys(request.request_ids):
-            found = request_id in self._sample_ids
-            for sample_id in self._sample_ids.get(request_id, (request_id,)):
+            samples = self._sample_ids.get(request_id)
+            if samples is not None:  # n > 1 or a beam search: marked, so those not started never will
+                self._aborted_samples.update(samples)
+            found = samples is not None
+            for sample_id in samples or (request_id,):
                 replica = self._in_flight.get(sample_id)
                 if replica is not None:
                     replica.abort(sample_id)
                     found = True
-                elif request_id in self._sample_ids:  # a sample not started yet: it never will
-                    self._unstarted_aborts.add(sample_id)
             if found:
                 aborted.append(request_id)
         return gemma_pb2.AbortResponse(aborted=aborted)
@@ -216,7 +218,11 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         requests for the same prompt (ids request_id-i, seed + i when seeded). Sample 0 goes first;
         the others start once it has its first token, so its prompt's full blocks are cached by then
         and they share them (prefix caching) instead of computing the prompt n times. The first
-        failure ends them all."""
+        failure ends them all. Beam search (params.beam_width >= 1) goes to serve_beams."""
+        if checked.params.beam_search:
+            async for item in self.serve_beams(checked, deadline):
+                yield item
+            return
         if checked.n == 1:
             async for delta in self.serve(checked, deadline):
                 yield delta, 0
@@ -228,8 +234,8 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
 
         async def pump(index: int, sample: CheckedRequest) -> None:
             try:
-                if sample.request_id in self._unstarted_aborts:  # Abort came before it started
-                    self._unstarted_aborts.discard(sample.request_id)
+                if sample.request_id in self._aborted_samples:  # Abort came before it started
+                    self._aborted_samples.discard(sample.request_id)
                     await queue.put((RequestDelta(sample.request_id, [], "", FinishReason.ABORTED, [],
                                                   len(sample.prompt_token_ids or ()), 0), index))
                     return
@@ -259,11 +265,59 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
                 else:
                     yield item
         finally:
-            self._unstarted_aborts.difference_update(self._sample_ids.pop(checked.request_id, ()))
+            self._aborted_samples.difference_update(self._sample_ids.pop(checked.request_id, ()))
             starter.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(starter, *tasks, return_exceptions=True)
+
+    async def serve_beams(self, checked: CheckedRequest,
+                          deadline: float | None) -> AsyncIterator[tuple[RequestDelta, int]]:
+        """(delta, index) of the best n beams of a beam search, one final delta each, best first.
+        Each step runs every live beam as a single-token request (ids request_id-bSTEP-i) on the
+        replicas, all at once; prefix routing and caching keep a beam's blocks where its last step
+        ran. An Abort or a failed step ends the search."""
+        prompt = checked.tokenize(self.tokenizer)
+        params = checked.params
+        search = beam_search.search_for(params, len(prompt), self.served.max_context,
+                                        self.tokenizer.stop_token_ids(chat=checked.chat is not None), checked.n)
+        per_step = beam_search.step_params(params)
+        try:
+            while not search.done:
+                finals = None if self._beam_aborted(checked.request_id) else \
+                    await self._beam_step(checked.request_id, search, prompt, per_step, deadline)
+                if finals is None or self._beam_aborted(checked.request_id) or any(not d.logprobs for d in finals):
+                    for index in range(checked.n):  # (a step aborted by the engine has no tokens)
+                        yield RequestDelta(checked.request_id, [], "", FinishReason.ABORTED, [], len(prompt), 0), index
+                    return
+                search.advance([d.logprobs[0].top for d in finals])
+        finally:
+            self._aborted_samples.difference_update(self._sample_ids.pop(checked.request_id, ()))
+        for index, beam in enumerate(search.best()):
+            yield RequestDelta(checked.request_id, list(beam.token_ids), self.tokenizer.decode(beam.token_ids),
+                               FinishReason(beam.finish_reason),
+                               beam_search.token_logprobs(beam, params.logprobs) if params.logprobs else [],
+                               len(prompt), len(beam.token_ids), cumulative_logprob=beam.cumulative_logprob), index
+
+    async def _beam_step(self, request_id: str, search: beam_search.BeamSearch, prompt: list[int],
+                         per_step: SamplingParams, deadline: float | None) -> list[RequestDelta]:
+        """Run every live beam's single-token request at once; their final deltas, in beam order."""
+        steps = [CheckedRequest(f"{request_id}-b{search.steps}-{i}", params=per_step,
+                                prompt_token_ids=prompt + list(beam.token_ids)) for i, beam in enumerate(search.live)]
+        self._sample_ids[request_id] = [step.request_id for step in steps]
+        return await asyncio.gather(*(self._last_delta(step, deadline) for step in steps))
+
+    def _beam_aborted(self, request_id: str) -> bool:
+        """Whether Abort named a beam search (its current step's ids are marked)."""
+        return bool(self._aborted_samples.intersection(self._sample_ids.get(request_id, ())))
+
+    async def _last_delta(self, checked: CheckedRequest, deadline: float | None) -> RequestDelta:
+        """The final delta of a request, with all its tokens and logprobs merged in."""
+        tokens, logprobs, last = [], [], None
+        async for last in self.serve(checked, deadline):
+            tokens += last.token_ids
+            logprobs += last.logprobs
+        return dataclasses.replace(last, token_ids=tokens, logprobs=logprobs)
 
     def check(self, request: gemma_pb2.GenerateRequest) -> CheckedRequest:
         """Validate a request and tokenize its text once, here (the ids travel to the replica);
@@ -375,6 +429,8 @@ def _merge_sample(sample: gemma_pb2.Sample | gemma_pb2.GenerateResponse, delta: 
     sample.logprobs.extend(_logprobs(delta))
     if delta.finish_reason is not None:
         sample.finish_reason = _FINISH[delta.finish_reason]
+    if delta.cumulative_logprob is not None:
+        sample.cumulative_logprob = delta.cumulative_logprob
 
 
 def _logprobs(delta: RequestDelta) -> list[gemma_pb2.TokenLogprobs]:

@@ -7,9 +7,11 @@ routing, metrics and bearer token; errors use OpenAI's JSON shape with the match
 (400 naming the field, 401, 404 unknown model, 429 queue full, 503 no replica).
 
 `n` > 1 runs n samples of the prompt (the gateway's serve_samples: seed + i when seeded; they
-share the prompt's cached K/V blocks). Structured output (`response_format` other than text),
-`echo`, `suffix`, `logit_bias` and several prompts per request are refused with a 400 that
-names the field. vLLM's extensions top_k, min_p, repetition_penalty and ignore_eos are accepted.
+share the prompt's cached K/V blocks). Structured output comes from `response_format` or
+vLLM's guided_* fields. `echo`, `suffix`, `logit_bias` and several prompts per request are
+refused with a 400 that names the field. vLLM's extensions top_k, min_p, repetition_penalty,
+ignore_eos and beam search (`use_beam_search`: the n best of n beams; or `beam_width`, with
+`length_penalty` and `early_stopping`) are accepted.
 """
 
 from __future__ import annotations
@@ -239,7 +241,22 @@ def to_generate_request(body: Any, chat: bool) -> gemma_pb2.GenerateRequest:
     n = _typed(body, "n", (int,), "an integer")
     if n is not None:
         request.sampling.n = n  # range-checked by the shared validation
+    _beam_search_into(request.sampling, body, n)
     return request
+
+
+def _beam_search_into(sampling: gemma_pb2.SamplingParams, body: dict, n: int | None) -> None:
+    """Beam search, vLLM's way (use_beam_search: the n best of n beams) or ours (beam_width), with
+    length_penalty and early_stopping."""
+    width = _typed(body, "beam_width", (int,), "an integer")
+    if width is None and _typed(body, "use_beam_search", (bool,), "true or false"):
+        width = n or 1
+    if width is not None:
+        sampling.beam_width = width
+    length_penalty = _typed(body, "length_penalty", (int, float), "a number")
+    if length_penalty is not None:
+        sampling.length_penalty = float(length_penalty)
+    sampling.early_stopping = bool(_typed(body, "early_stopping", (bool,), "true or false"))
 
 
 # ---------------------------------------------------------------------------------- the front

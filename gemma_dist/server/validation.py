@@ -97,6 +97,9 @@ def check_generate(request: gemma_pb2.GenerateRequest, served: ServedModel, assi
         if not 1 <= request.sampling.n <= MAX_SAMPLES:
             raise ValidationError("sampling.n", f"must be in [1, {MAX_SAMPLES}], got {request.sampling.n}")
         checked.n = request.sampling.n
+    if checked.params.beam_search and checked.n > checked.params.beam_width:
+        raise ValidationError("sampling.n", f"must be <= beam_width ({checked.params.beam_width}) with beam search, "
+                                            f"got {checked.n}")
     if checked.prompt_token_ids is not None:
         check_length(len(checked.prompt_token_ids), checked.params.max_tokens, served, "prompt_token_ids")
     return checked
@@ -134,13 +137,14 @@ def sampling_params(proto: gemma_pb2.SamplingParams, served: ServedModel) -> Sam
     """Proto sampling fields → validated SamplingParams (unset optionals keep the defaults)."""
     values: dict[str, Any] = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty"):
+                 "presence_penalty", "frequency_penalty", "beam_width", "length_penalty"):
         if proto.HasField(name):
             values[name] = getattr(proto, name)
     values["stop"] = tuple(proto.stop)
     values["stop_token_ids"] = tuple(proto.stop_token_ids)
     values["logprobs"] = proto.logprobs
     values["ignore_eos"] = proto.ignore_eos
+    values["early_stopping"] = proto.early_stopping
     for name in ("json_schema", "regex"):  # structured output (compiled by SamplingParams)
         if proto.HasField(name):
             values[name] = getattr(proto, name)

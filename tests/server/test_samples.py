@@ -1,10 +1,13 @@
-"""n samples per request (sampling.n over gRPC, n over HTTP) on the real Gemma 3 270M.
+"""n samples per request (sampling.n over gRPC, n over HTTP) and beam search (sampling.beam_width)
+on the real Gemma 3 270M.
 
 Batch-invariant mode makes each sample's numerics independent of what shares its steps, so sample
 i of a seeded request equals a lone request seeded seed + i, bit for bit.
 """
 
 from __future__ import annotations
+
+import threading
 
 import grpc
 import openai
@@ -105,6 +108,93 @@ def test_samples_share_the_prompt_blocks_and_free_everything(served, client):
     shared = (out.usage.prompt_tokens - 1) // 16 * 16
     assert shared >= 48 and len(out.samples) == 4
     assert replica.stats().prefix_cache_hits - before == 3 * shared
+
+    def idle():
+        s = replica.stats()
+        return s.running == 0 and s.waiting == 0 and s.free_blocks == s.total_blocks
+
+    assert wait_until(idle), replica.stats()
+
+
+# ------------------------------------------------------------------ beam search
+
+BEAM_PROMPT = "The capital of France is"
+
+
+def test_beam_search_returns_the_best_n_beams_as_llm_beam_search_does(default_llm, client):
+    """Served beams equal LLM.beam_search on the same weights (batch-invariant numerics), best
+    first, with their cumulative logprobs, in unary and streaming calls."""
+    from gemma_dist import SamplingParams
+
+    want = default_llm.beam_search([BEAM_PROMPT], SamplingParams(beam_width=3, max_tokens=10, logprobs=2), n=2)[0]
+    out = client.generate(BEAM_PROMPT, beam_width=3, n=2, max_tokens=10, logprobs=2)
+    assert [s.index for s in out.samples] == [0, 1]
+    assert [list(s.token_ids) for s in out.samples] == [w.token_ids for w in want.sequences]
+    assert [s.text for s in out.samples] == [w.text for w in want.sequences]
+    assert [s.cumulative_logprob for s in out.samples] == pytest.approx([w.cumulative_logprob for w in want.sequences],
+                                                                         abs=1e-5)
+    scores = [s.cumulative_logprob / len(s.token_ids) for s in out.samples]
+    assert scores[0] >= scores[1]
+    for sample in out.samples:  # per-token logprobs add up to the beam's
+        assert len(sample.logprobs) == len(sample.token_ids)
+        assert sum(lp.chosen.logprob for lp in sample.logprobs) == pytest.approx(sample.cumulative_logprob, abs=1e-4)
+    assert (out.text, out.cumulative_logprob) == (out.samples[0].text, out.samples[0].cumulative_logprob)
+    streamed = {r.index: r for r in client.generate_stream(BEAM_PROMPT, beam_width=3, n=2, max_tokens=10)}
+    assert sorted(streamed) == [0, 1]
+    assert [list(streamed[i].token_ids) for i in (0, 1)] == [w.token_ids for w in want.sequences]
+    assert all(streamed[i].finish_reason and streamed[i].HasField("cumulative_logprob") for i in (0, 1))
+
+
+def test_http_beam_search_matches_grpc(served, client):
+    """vLLM's use_beam_search (n beams, the n best) and our beam_width, over the OpenAI client."""
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{served[0].http_port}/v1", api_key="x", max_retries=0)
+    via_grpc = client.generate(BEAM_PROMPT, beam_width=2, n=2, max_tokens=8)
+    out = oai.completions.create(model="default", prompt=BEAM_PROMPT, max_tokens=8, n=2,
+                                 extra_body={"use_beam_search": True})
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [s.text for s in via_grpc.samples]
+    one = oai.completions.create(model="default", prompt=BEAM_PROMPT, max_tokens=8, extra_body={"beam_width": 2})
+    assert [c.text for c in one.choices] == [via_grpc.samples[0].text]
+    with pytest.raises(openai.BadRequestError, match="beam_width"):
+        oai.completions.create(model="default", prompt=BEAM_PROMPT, max_tokens=8, extra_body={"beam_width": 20})
+
+
+def test_beam_width_one_is_greedy(client):
+    """Compared up to the greedy run's first near-tie (top-2 logprob gap, from the same server)."""
+    greedy = client.generate(BEAM_PROMPT, temperature=0, max_tokens=16, logprobs=2)
+    beam = client.generate(BEAM_PROMPT, beam_width=1, max_tokens=16)
+    margins = [lp.top[0].logprob - lp.top[1].logprob for lp in greedy.logprobs]
+    end = next((i for i, m in enumerate(margins) if m < 0.01), len(margins))
+    assert end >= 8 and list(beam.token_ids)[:end] == list(greedy.token_ids)[:end]
+
+
+def test_bad_beam_requests_are_invalid_argument_naming_the_field(client):
+    for sampling, field in [(dict(beam_width=11), "sampling.beam_width"), (dict(beam_width=2, n=3), "sampling.n"),
+                            (dict(beam_width=-1), "sampling.beam_width"), (dict(beam_width=2, stop=["."]), "sampling.stop"),
+                            (dict(beam_width=2, json_schema='{"type": "object"}'), "sampling.json_schema")]:
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(BEAM_PROMPT, max_tokens=4, **sampling)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith(field)
+
+
+def test_abort_ends_a_beam_search_and_frees_its_blocks(served, client):
+    server, replica = served
+    ends, errors = [], []  # a beam search streams nothing before it ends: read its stream in a thread
+
+    def read():
+        try:
+            ends.extend(client.generate_stream(BEAM_PROMPT, beam_width=4, n=2, max_tokens=400, ignore_eos=True,
+                                               request_id="beams"))
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert wait_until(lambda: len(server.servicer._sample_ids.get("beams", ())) == 4, seconds=30)  # 4 live beams
+    assert client.abort(["beams"]) == ["beams"]
+    reader.join(timeout=60)
+    assert not errors and not reader.is_alive()
+    assert sorted(r.index for r in ends) == [0, 1]
+    assert all(r.finish_reason == gemma_pb2.FINISH_REASON_ABORTED for r in ends)
 
     def idle():
         s = replica.stats()
