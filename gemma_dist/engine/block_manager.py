@@ -1,7 +1,8 @@
 """Fixed-size KV blocks: a free list with reference counts, and a prefix cache. Plain Python (no torch).
 
-Reference counts let sequences share blocks (prefix caching; later n > 1 samples and beam
-search); a block is free again when its last owner releases it.
+Reference counts let sequences share blocks (prefix caching, and n samples forked from one
+prompt: they share its full blocks and copy its last partial one, `copy_of`); a block is free
+again when its last owner releases it.
 
 Prefix caching: a full block of computed K/V is registered under a key chained over the whole
 prefix it ends (`chain_key`: its parent block's key and its own tokens), so equal blocks under
@@ -126,6 +127,12 @@ class BlockManager:
             raise RuntimeError(f"out of KV blocks: need {needed} pages, {self.num_free} free")
         for _ in range(self.extra_blocks(block_table, num_tokens)):
             block_table.append(tuple(self._take_free(g) for g in range(self.num_groups)))
+
+    def copy_of(self, entry: Entry) -> tuple[Entry, list[tuple[int, int]]]:
+        """A new entry of free pages for a copy of `entry` (copy-on-write of a shared partial block),
+        and the (source page, new page) pairs the runners must copy before its first use."""
+        copy = tuple(NO_PAGE if page == NO_PAGE else self._take_free(group) for group, page in enumerate(entry))
+        return copy, [(src, dst) for src, dst in zip(entry, copy) if src != NO_PAGE]
 
     def pages_to_hold(self, num_tokens: int, chunk: int) -> int:
         """Most pages one sequence of `num_tokens` positions holds at once, when it computes at most

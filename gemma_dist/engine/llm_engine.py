@@ -156,6 +156,7 @@ class EngineStats:
     kv_groups: int = 1  # layer groups of the KV layout: pages per block of positions (config.KVLayout)
     global_pages_used: int = 0  # pages held now by full-attention layers' block tables
     local_pages_used: int = 0  # pages held now by sliding-window layers' tables (their windows only)
+    copied_pages: int = 0  # KV pages copied for samples forked from a running one (cumulative)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -326,13 +327,15 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | Seq[int] | None = None,
                     params: SamplingParams | None = None, *, chat: Seq[Mapping[str, str]] | None = None,
                     deadline: float | None = None, prompt_text: str | None = None,
-                    chat_template: bool = False) -> None:
+                    chat_template: bool = False, fork_of: str | None = None) -> None:
         """Queue a request: a text prompt (BOS added), a list of token ids, or a chat. A request
         still unfinished at `deadline` (time.time()) is aborted; if still waiting, never prefilled.
 
         Token ids that a caller already made from text (the gateway tokenizes once) may bring
         that text as `prompt_text`, and `chat_template=True` when they are a rendered chat, so
-        <end_of_turn> stops the request as it would for `chat=`."""
+        <end_of_turn> stops the request as it would for `chat=`. `fork_of` names another sample of
+        the same prompt (n samples): while that one runs, this one starts from its K/V (shared full
+        blocks, a copy of the partial one) instead of computing the prompt."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -344,6 +347,9 @@ class LLMEngine:
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params,
                        eos_token_ids=self.tokenizer.stop_token_ids(chat=is_chat),
                        max_context=self.max_model_len, prompt=text if text is not None else prompt_text)
+        parent = self._requests.get(fork_of) if fork_of is not None else None
+        if parent is not None and parent.seq.prompt_token_ids == ids and not parent.seq.is_finished:
+            seq.fork_of = parent.seq
         self.scheduler.add(seq)
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
         if deadline is not None:
@@ -393,7 +399,7 @@ class LLMEngine:
                            blocks.num_blocks, blocks.block_size, self.scheduler.num_preemptions,
                            self.times.as_dict(), self.times.steps, self.scheduler.prefix_queried_tokens,
                            self.scheduler.prefix_hit_tokens, blocks.num_cached, blocks.num_groups,
-                           blocks.owned_global, blocks.owned_local)
+                           blocks.owned_global, blocks.owned_local, self.scheduler.num_copied_pages)
 
     # ------------------------------------------------------------------ the step
 
@@ -530,7 +536,7 @@ class LLMEngine:
 
     def _step_plan(self, plan: SchedulerOutput) -> StepPlan:
         """The scheduler's plan as changes to the runners' persistent batch (see step_plan)."""
-        step = StepPlan(removed=self._freed_slots)
+        step = StepPlan(removed=self._freed_slots, copies=plan.copies)
         for slot in self._freed_slots:  # removed before added: a freed slot may be reused at once
             self._slots.give_back(slot)
         self._freed_slots = []

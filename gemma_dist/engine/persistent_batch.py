@@ -18,7 +18,7 @@ import time
 import torch
 
 from gemma_dist.engine.step_plan import StepPlan
-from gemma_dist.model.attention import AttentionMetadata, metadata_from_tables, positions_of, table_rows
+from gemma_dist.model.attention import AttentionMetadata, copy_pages, metadata_from_tables, positions_of, table_rows
 from gemma_dist.sampling import SampleResult, SamplingParams, SamplingRow, make_generator
 
 
@@ -216,6 +216,8 @@ class PlanRunner:
         engine can plan the next step before it knows them."""
         began, start = time.time(), time.perf_counter()
         self.batch.apply(plan)
+        if plan.copies:
+            copy_pages(self.runner.kv_cache, plan.copies)
         if not plan.slots:
             return SampleResult([], []) if self.samples else None
         step = StepTimes()

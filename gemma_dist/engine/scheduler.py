@@ -11,7 +11,10 @@ Plain Python (no torch). Every step:
 Finished and aborted sequences release their blocks at once. With a sliding-window pool, a
 sequence's LOCAL layers give back each block their window has left after every step.
 
-With prefix caching (the block manager's `caching`), a sequence being admitted first takes the
+A sample forked from a running sequence of the same prompt (Sequence.fork_of; n samples per
+request) starts from its K/V: it shares the full blocks and copies the last partial one
+(copy-on-write: the runners copy the pages before its first step), and computes only its last
+token. With prefix caching (the block manager's `caching`), a sequence being admitted first takes the
 longest run of its prompt's leading full blocks that the cache holds (at least its last token is
 always computed, so a token is sampled from fresh logits), and every block a step fills is offered
 to the cache.
@@ -61,6 +64,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSequence]
     preempted: list[Sequence]  # sent back to waiting this step (their blocks were freed)
+    copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # KV pages (src, dst) to copy first
 
     @property
     def num_tokens(self) -> int:
@@ -118,7 +122,8 @@ class Scheduler:
         self.running = RunningSet()  # in admission order: the newest is preempted first
         self.num_preemptions = 0
         self.prefix_queried_tokens = 0  # prompt tokens looked up in the prefix cache at admission
-        self.prefix_hit_tokens = 0  # of those, tokens found cached (not computed)
+        self.prefix_hit_tokens = 0  # of those, tokens found cached or forked (not computed)
+        self.num_copied_pages = 0  # KV pages copied for forked samples' partial blocks (cumulative)
 
     # ------------------------------------------------------------------ queue
 
@@ -211,10 +216,14 @@ class Scheduler:
             self.blocks.grow(seq.block_table, seq.num_cached + chunk)
             scheduled.append(ScheduledSequence.plan(seq, chunk))
             budget -= chunk
+        copies: list[tuple[int, int]] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            hits = self._cached_prefix(seq)  # blocks it may share instead of computing (their K/V are there)
-            start = max(seq.num_cached, len(hits) * self.blocks.block_size)
+            fork = self._fork_source(seq)
+            # Blocks it may share instead of computing (their K/V are there): a running sample's of
+            # the same prompt, else the prefix cache's.
+            hits = fork[0] if fork else self._cached_prefix(seq)
+            start = max(seq.num_cached, fork[2] if fork else len(hits) * self.blocks.block_size)
             chunk = min(seq.num_tokens - start, budget)
             # Pages taken from the free pool: new ones, plus cached ones nobody owns right now.
             new_blocks = self.blocks.blocks_for(start + chunk) - len(hits) - len(seq.block_table)
@@ -225,13 +234,50 @@ class Scheduler:
                 if self.running or needed > self.blocks.num_free:
                     break
             self.waiting.popleft()
-            if self.blocks.caching and not seq.num_cached:
+            if fork:
+                copies += self._take_fork(seq, *fork)
+            elif self.blocks.caching and not seq.num_cached:
                 self._take_cached(seq, hits)
             self.blocks.grow(seq.block_table, seq.num_cached + chunk)
             self.running.append(seq)
             scheduled.append(ScheduledSequence.plan(seq, chunk))
             budget -= chunk
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled, preempted, copies)
+
+    def _fork_source(self, seq: Sequence) -> tuple[list, tuple | None, int] | None:
+        """For a fresh sample forked from a running one (seq.fork_of, same prompt): the parent's
+        full blocks to share, its partial block to copy (None when the split is at a block
+        boundary) and the positions they cover, all but seq's last token (computed, to sample
+        from fresh logits). None when the parent cannot give them (gone, still computing them,
+        or its window already let a needed block go)."""
+        parent = seq.fork_of
+        if parent is None:
+            return None
+        usable = seq.num_known_tokens - 1
+        if seq.output_token_ids or seq.num_cached or seq.block_table or parent not in self.running:
+            seq.fork_of = None  # (never again: the parent is gone, or seq resumes with its own tokens)
+            return None
+        if parent.num_cached < usable or parent.window_freed > self.blocks.window_start(usable):
+            return None
+        full, partial = divmod(usable, self.blocks.block_size)
+        return parent.block_table[:full], parent.block_table[full] if partial else None, usable
+
+    def _take_fork(self, seq: Sequence, shared: list, partial: tuple | None, usable: int) -> list[tuple[int, int]]:
+        """Make seq share its parent's full blocks and a copy of its partial one, their positions
+        counted as computed; returns the page copies the runners must make first."""
+        seq.block_table.extend(self.blocks.share(shared))
+        copies = []
+        if partial is not None:
+            entry, copies = self.blocks.copy_of(partial)
+            seq.block_table.append(entry)
+        seq.num_cached = usable
+        seq.registered_blocks = len(shared)  # (the parent registers them)
+        seq.window_freed = seq.fork_of.window_freed  # LOCAL pages the parent gave back are not shared
+        seq.fork_of = None
+        self.prefix_queried_tokens += usable
+        self.prefix_hit_tokens += usable
+        self.num_copied_pages += len(copies)
+        return copies
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's leading full blocks, for a sequence with nothing cached yet;

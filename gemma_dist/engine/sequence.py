@@ -44,6 +44,9 @@ class Sequence:
     pending_tokens: int = 0
     block_keys: list[int] = dataclasses.field(default_factory=list)  # prefix-cache keys of its first full blocks
     registered_blocks: int = 0  # leading block_table entries already offered to the prefix cache
+    # Another sample of the same prompt, still running: admitted, this one shares its full blocks
+    # and gets a copy of its partial one instead of computing the prompt (cleared once admitted).
+    fork_of: "Sequence | None" = None
 
     @property
     def num_tokens(self) -> int:

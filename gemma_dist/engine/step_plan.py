@@ -32,7 +32,7 @@ class NewRequest:
 class StepPlan:
     """One step as changes to the runners' persistent batch, then the rows to run.
 
-    Runners apply, in order: `removed`, `added`, `reset`, `block_updates`; then run the rows
+    Runners apply, in order: `removed`, `added`, `reset`, `block_updates`, `copies`; then run the rows
     (`slots[i]` computes `num_tokens[i]` tokens starting at position `num_cached[i]`, and samples
     a next token after them when `samples[i]`, which every runner appends to the slot's tokens).
     """
@@ -45,6 +45,8 @@ class StepPlan:
     num_cached: list[int] = dataclasses.field(default_factory=list)  # per row: first position computed
     num_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: tokens computed
     samples: list[bool] = dataclasses.field(default_factory=list)  # per row: sample after its last token
+    # KV pages to copy (source, destination) before the forward: a forked sample's partial block.
+    copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_sampled(self) -> int:

@@ -89,6 +89,20 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
     return KVCache([slots[slot] for slot in layout.layer_slot], layout.layer_group)
 
 
+def copy_pages(cache: KVCache, pairs: list[tuple[int, int]]) -> None:
+    """Copy KV pages source -> destination in every layer's cache (a page id belongs to one layer
+    group, so copying it in every tensor copies exactly that group's layers)."""
+    seen: set[int] = set()
+    for layer in cache:
+        for tensor in layer:  # (pages, block_size, Hkv, D): k, then v
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            src = torch.tensor([s for s, _ in pairs], device=tensor.device)
+            dst = torch.tensor([d for _, d in pairs], device=tensor.device)
+            tensor.index_copy_(0, dst, tensor.index_select(0, src))
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' k, v (T, Hkv, D) at their slots."""

@@ -343,7 +343,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         tried: set[str] = set()
         keys = self.router.keys(checked.prompt_token_ids)
         while True:  # a request that has streamed nothing yet is retried once on another replica
-            replica = self._pick(exclude=tried, keys=keys)
+            replica = self._sibling(checked, tried) or self._pick(exclude=tried, keys=keys)
             if replica is None:
                 raise ServeError(grpc.StatusCode.UNAVAILABLE, "no replica is ready")
             tried.add(replica.name)
@@ -398,6 +398,12 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         self._rebuilds.add(task)
         task.add_done_callback(self._rebuilds.discard)
 
+    def _sibling(self, checked: CheckedRequest, exclude: set[str]) -> Replica | None:
+        """For a sample forked from another (n > 1), the ready replica running that one, where it
+        can start from its K/V; None otherwise."""
+        replica = self._in_flight.get(checked.fork_of) if checked.fork_of is not None else None
+        return replica if replica is not None and replica.is_ready() and replica.name not in exclude else None
+
     def _pick(self, exclude: set[str] = frozenset(), keys: Sequence[int] = ()) -> Replica | None:
         """The ready replica the router picks for a prompt with prefix `keys` (None if none is ready)."""
         return self.router.pick([r for r in self.replicas if r.is_ready() and r.name not in exclude], keys)
@@ -414,11 +420,13 @@ def _deadline_passed(budget: float | None, remaining: float | None) -> bool:
 
 
 def _sample(checked: CheckedRequest, index: int) -> CheckedRequest:
-    """Sample `index` of a request with n > 1: its own id, seed + index when seeded, n = 1."""
+    """Sample `index` of a request with n > 1: its own id, seed + index when seeded, n = 1; samples
+    after the first start from sample 0's K/V where they land on its replica (fork_of)."""
     params = checked.params
     if params.seed is not None:
         params = dataclasses.replace(params, seed=params.seed + index)
-    return dataclasses.replace(checked, request_id=f"{checked.request_id}-{index}", params=params, n=1)
+    return dataclasses.replace(checked, request_id=f"{checked.request_id}-{index}", params=params, n=1,
+                               fork_of=f"{checked.request_id}-0" if index else None)
 
 
 def _merge_sample(sample: gemma_pb2.Sample | gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:

@@ -45,6 +45,7 @@ class CheckedRequest:
     chat: list[dict[str, str]] | None = None
     params: SamplingParams = _DEFAULTS
     n: int = 1  # samples of the prompt (sampling.n)
+    fork_of: str | None = None  # a sample of n > 1: the id of the sample whose K/V it may start from
 
     @property
     def tokenized(self) -> bool:
@@ -62,11 +63,13 @@ class CheckedRequest:
         """Keyword arguments for LLMEngine.add_request / AsyncLLMEngine.generate: the token ids,
         with the text they came from and whether they are a rendered chat (it stops at
         <end_of_turn>), when the gateway tokenized them."""
+        fork = {"fork_of": self.fork_of} if self.fork_of is not None else {}
         if not self.tokenized:
             if self.chat is not None:
-                return {"chat": self.chat}
-            return {"prompt": self.prompt if self.prompt is not None else self.prompt_token_ids}
-        return {"prompt": self.prompt_token_ids, "prompt_text": self.prompt, "chat_template": self.chat is not None}
+                return {"chat": self.chat, **fork}
+            return {"prompt": self.prompt if self.prompt is not None else self.prompt_token_ids, **fork}
+        return {"prompt": self.prompt_token_ids, "prompt_text": self.prompt, "chat_template": self.chat is not None,
+                **fork}
 
 
 def check_model(name: str, served: ServedModel, field: str = "model") -> None:

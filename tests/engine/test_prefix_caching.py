@@ -111,3 +111,43 @@ def test_a_hit_past_the_sliding_window_gives_the_same_tokens(default_llm):
     assert compared >= 3
     for hit, cold in zip(hit_logprobs[:compared], cold_logprobs[:compared]):
         assert hit.logprob == pytest.approx(cold.logprob, abs=1e-4)
+
+
+def test_forked_samples_equal_lone_requests_bit_for_bit(default_llm):
+    """n samples of one prompt: samples 1..3 arrive once sample 0 has its first token, forked from
+    it (its full blocks shared, its partial block copied by the runner: copy-on-write), and compute
+    only the prompt's last token; each equals the same request computed alone (tokens bit for bit)."""
+    prompt = prompt_ids(default_llm.config.vocab_size, 70, seed=4)  # 69 positions to take: 4 blocks + 5
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=20 + i, max_tokens=6, logprobs=2, ignore_eos=True)
+              for i in range(4)]
+    engine = engine_of(default_llm, caching=True)
+    got = {i: ([], []) for i in range(4)}
+
+    def collect(deltas):
+        for delta in deltas:
+            tokens, logprobs = got[int(delta.request_id[1:])]
+            tokens += delta.token_ids
+            logprobs += delta.logprobs
+
+    engine.add_request("s0", prompt, params[0])
+    while not got[0][0]:
+        collect(engine.step())
+    for i in range(1, 4):
+        engine.add_request(f"s{i}", prompt, params[i], fork_of="s0")
+    while engine.has_unfinished_requests:
+        collect(engine.step())
+    stats = engine.stats()
+    assert stats.copied_pages == 3 * stats.kv_groups  # one partial block (a page per group) per fork
+    assert stats.prefix_cache_hits == 3 * 69  # every position but the last, shared or copied
+    assert stats.free_blocks == stats.total_blocks
+    alone = engine_of(default_llm, caching=False)
+    for i in range(4):
+        tokens, logprobs = run(alone, f"alone{i}", prompt, params[i])
+        assert tokens == got[i][0], f"sample {i}"
+        # (the logprobs' log-sum-exp over a batch of 4 rows may differ in the last bit from a batch
+        # of 1, fork or no fork; the tokens, drawn from each row alone, may not)
+        assert [[t for t, _ in lp.top] for lp in got[i][1]] == [[t for t, _ in lp.top] for lp in logprobs]
+        values = [[lp.logprob, *[p for _, p in lp.top]] for lp in logprobs]
+        assert sum([[lp.logprob, *[p for _, p in lp.top]] for lp in got[i][1]], []) == \
+            pytest.approx(sum(values, []), abs=1e-5)
+    assert len({tuple(tokens) for tokens, _ in got.values()}) > 1  # different seeds, different samples

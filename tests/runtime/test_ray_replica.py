@@ -55,6 +55,31 @@ def test_seeded_sampling_is_reproducible_across_the_ray_boundary(tp2_replica):
     assert (stats.running, stats.waiting, stats.free_blocks) == (0, 0, stats.total_blocks)
 
 
+def test_a_forked_sample_copies_its_partial_block_on_every_shard(tp2_replica):
+    """A second sample started from the first one's K/V (fork_of): both shards copy the partial
+    block's pages, and it computes only the prompt's last token; greedy, both equal the reference."""
+    case = GOLDEN["prose"]
+    params = SamplingParams(temperature=0, max_tokens=16)
+    before = tp2_replica.stats()
+
+    async def parent_then_fork():
+        parent = tp2_replica.generate("fork-parent", params, prompt=case["prompt"])
+        first = await anext(parent)  # its prompt is computed
+        child = [d async for d in tp2_replica.generate("fork-child", params, prompt=case["prompt"],
+                                                       fork_of="fork-parent")]
+        return [first] + [d async for d in parent], child
+
+    parent, child = asyncio.run(parent_then_fork())
+    after = tp2_replica.stats()
+    taken = parent[-1].prompt_tokens - 1
+    # (a prompt shorter than a block: the parent finds nothing cached, the fork copies all but one token)
+    assert after.prefix_cache_hits - before.prefix_cache_hits == taken
+    assert after.copied_pages - before.copied_pages == (after.kv_groups if taken % 16 else 0)
+    tokens = lambda ds: [t for d in ds for t in d.token_ids]  # noqa: E731
+    assert tokens(parent) == tokens(child) == stable_prefix(case)[:16]
+    assert (after.running, after.waiting, after.free_blocks) == (0, 0, after.total_blocks)
+
+
 def test_structured_output_holds_under_tensor_parallel_sampling(tp2_replica):
     """At tp=2 the logits are split by vocabulary; a constrained row gathers its whole row on rank 0,
     whose worker keeps the request's grammar state, next to a free row of the same step."""

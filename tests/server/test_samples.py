@@ -99,15 +99,18 @@ def test_http_n_samples_match_grpc(served, client):
 
 
 def test_samples_share_the_prompt_blocks_and_free_everything(served, client):
-    """n=4 on a prompt of several blocks: samples 1..3 start after sample 0's prefill and find
-    its full blocks cached (read from the replica's stats); every block is free at the end."""
+    """n=4 on a prompt of several blocks: samples 1..3 start after sample 0's prefill, forked from
+    it: its full blocks shared and its partial block copied (copy-on-write), so each computes only
+    the prompt's last token (read from the replica's stats); every block is free at the end."""
     server, replica = served
     prompt = "A shared prompt for four samples. " + " ".join(f"word{i}" for i in range(50))
-    before = replica.stats().prefix_cache_hits
-    out = client.generate(prompt, temperature=1.0, max_tokens=5, seed=3, n=4, ignore_eos=True)
-    shared = (out.usage.prompt_tokens - 1) // 16 * 16
-    assert shared >= 48 and len(out.samples) == 4
-    assert replica.stats().prefix_cache_hits - before == 3 * shared
+    before = replica.stats()
+    out = client.generate(prompt, temperature=1.0, max_tokens=40, seed=3, n=4, ignore_eos=True)
+    taken = out.usage.prompt_tokens - 1  # positions a fork does not compute: all but the last
+    assert taken >= 48 and taken % 16 and len(out.samples) == 4  # (a partial block to copy)
+    after = replica.stats()
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 3 * taken
+    assert after.copied_pages - before.copied_pages == 3 * after.kv_groups  # a partial block per fork
 
     def idle():
         s = replica.stats()
@@ -169,7 +172,8 @@ def test_beam_width_one_is_greedy(client):
 
 def test_bad_beam_requests_are_invalid_argument_naming_the_field(client):
     for sampling, field in [(dict(beam_width=11), "sampling.beam_width"), (dict(beam_width=2, n=3), "sampling.n"),
-                            (dict(beam_width=-1), "sampling.beam_width"), (dict(beam_width=2, stop=["."]), "sampling.stop"),
+                            (dict(beam_width=-1), "sampling.beam_width"),
+                            (dict(beam_width=2, stop=["."]), "sampling.stop"),
                             (dict(beam_width=2, json_schema='{"type": "object"}'), "sampling.json_schema")]:
         with pytest.raises(grpc.RpcError) as info:
             client.generate(BEAM_PROMPT, max_tokens=4, **sampling)

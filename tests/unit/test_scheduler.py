@@ -122,6 +122,8 @@ class SimEngine:
         step = Step(plan, [(item.seq.request_id, item.num_tokens, item.samples) for item in plan.scheduled])
         if not plan.scheduled:
             return step
+        for src, dst in plan.copies:  # a forked sample's partial block, before the step (as runners do)
+            self.cache[dst] = list(self.cache[src])
         sampled = self._run_model(plan)
         self.scheduler.on_step_done(plan)
         for item in plan.scheduled:
@@ -563,3 +565,52 @@ def test_random_workloads_keep_invariants_and_finish(seed):
             assert seq.output_token_ids[-1] in params.stop_token_ids
         else:
             assert seq.finish_reason is FinishReason.LENGTH and len(seq.output_token_ids) == params.max_tokens
+
+
+# ---------------------------------------------------------------------------------- forked samples
+
+
+def forked(parent: Sequence, request_id: str) -> Sequence:
+    """Another sample of parent's prompt that may start from its K/V."""
+    child = Sequence(request_id=request_id, prompt_token_ids=list(parent.prompt_token_ids), params=parent.params,
+                     eos_token_ids=frozenset(), max_context=BIG_CONTEXT)
+    child.fork_of = parent
+    return child
+
+
+@pytest.mark.parametrize("prompt_len, group_local, window", [(10, (False,), None), (9, (False,), None),
+                                                              (10, (False, True), 6), (23, (True, False), 9)])
+def test_a_forked_sample_shares_the_full_blocks_and_copies_the_partial_one(prompt_len, group_local, window):
+    """The fake model reads every context back from the fake cache, so a wrong share or copy
+    changes the child's tokens (which must equal the parent's: same prompt, same model)."""
+    engine = SimEngine(num_blocks=64, block_size=4, caching=True, group_local=group_local, sliding_window=window)
+    parent = engine.add(make_seq("parent", prompt_len, max_tokens=8))
+    engine.step()  # the parent's prompt is computed and it has its first token
+    children = [engine.add(forked(parent, f"child{i}")) for i in range(2)]
+    parent_table = list(parent.block_table)
+    step = engine.step()
+    usable = prompt_len - 1
+    full, partial = divmod(usable, 4)
+    assert [step.chunk(c.request_id) for c in children] == [(1, True), (1, True)]  # only the last token
+    for child in children:
+        assert child.block_table[:full] == parent_table[:full]  # shared (NO_PAGE where the window left)
+        assert child.block_table[full] != parent_table[full]
+    want = [pair for child in children for pair in zip(parent_table[full], child.block_table[full])
+            if pair[0] != NO_PAGE] if partial else []
+    assert step.plan.copies == want
+    assert engine.scheduler.num_copied_pages == len(want)
+    assert engine.scheduler.prefix_hit_tokens == 2 * usable
+    engine.run()
+    assert all(c.output_token_ids == parent.output_token_ids for c in children)
+    assert engine.blocks.num_free == engine.blocks.num_blocks and engine.blocks.owned_global == 0
+
+
+def test_a_fork_whose_parent_is_gone_computes_its_prompt():
+    engine = SimEngine(num_blocks=64, block_size=4)
+    parent = engine.add(make_seq("parent", 10, max_tokens=1))
+    engine.run()
+    child = engine.add(forked(parent, "child"))
+    step = engine.step()
+    assert step.chunk("child") == (10, True) and not step.plan.copies and child.fork_of is None
+    engine.run()
+    assert child.output_token_ids == parent.output_token_ids
