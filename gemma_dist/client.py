@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterator, Sequence
 
 import grpc
@@ -14,12 +15,40 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "sto
                     "json_schema", "regex", "choice", "beam_width", "length_penalty", "early_stopping")
 
 
+SERVICE = gemma_pb2.DESCRIPTOR.services_by_name["GemmaService"].full_name
+MAX_RETRIES = 4  # gRPC caps a retry policy at 5 attempts
+
+
+def retry_service_config(retries: int, backoff: float) -> str:
+    """A gRPC service config that retries GemmaService calls ending UNAVAILABLE before any response
+    arrived (gRPC commits a call once a response comes, and never retries it after), up to
+    `retries` more attempts with exponential backoff from `backoff` seconds (with jitter), within a
+    channel-wide budget: retries stop while more than half of a 10-token bucket is spent (a failure
+    costs 1 token, a success gives 0.1 back), so a server that is down is not hammered."""
+    return json.dumps({
+        "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": {
+            "maxAttempts": retries + 1, "initialBackoff": f"{backoff:g}s", "maxBackoff": f"{max(backoff, 5.0):g}s",
+            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}})
+
+
 class Client:
-    """A blocking client; `generate` returns the whole completion, `generate_stream` its pieces."""
+    """A blocking client; `generate` returns the whole completion, `generate_stream` its pieces.
+
+    Calls that end UNAVAILABLE before receiving anything (no replica ready, the queue timeout, a
+    replica that failed, the server restarting) are retried `retries` times (0..4) with backoff;
+    a stream that already received a piece is never retried (see retry_service_config)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
-        self.channel = (grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target))
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 retries: int = 2, retry_backoff: float = 0.25):
+        if not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(f"retries must be in [0, {MAX_RETRIES}], got {retries}")
+        options = [("grpc.enable_retries", int(retries > 0))]
+        if retries:
+            options.append(("grpc.service_config", retry_service_config(retries, retry_backoff)))
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
         self.stub = gemma_pb2_grpc.GemmaServiceStub(self.channel)
         self.admin = gemma_pb2_grpc.AdminServiceStub(self.channel)
         self.timeout = timeout

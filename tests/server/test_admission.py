@@ -98,7 +98,7 @@ def test_queue_timeout_is_unavailable(default_llm, gate):
     # timeout on any machine; the short request afterwards has 3 s of headroom even on a loaded one.
     rep = replica(default_llm)
     with running_gateway([rep], default_llm, queue_timeout=3.0) as server:
-        with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+        with Client(f"127.0.0.1:{server.port}", timeout=60, retries=0) as client:  # (no retry after the timeout)
             with gate.closed(), pytest.raises(grpc.RpcError) as info:
                 client.generate("Once upon a time", max_tokens=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "queue-timeout" in info.value.details()
@@ -159,3 +159,22 @@ def test_expired_request_is_never_prefilled(default_llm):
     deltas = engine.step()
     assert [d.finish_reason.value for d in deltas] == ["aborted"] and deltas[0].completion_tokens == 0
     assert not engine.has_unfinished_requests and engine.runner.kv_cache is not None
+
+
+def test_the_client_retries_unavailable_until_a_replica_is_ready(default_llm):
+    """No replica is ready (UNAVAILABLE before anything is sent): Client retries with backoff and
+    succeeds once one is; without retries the first UNAVAILABLE is the answer."""
+    rep = replica(default_llm)
+    rep.draining = True  # not ready
+    with running_gateway([rep], default_llm) as server:
+        target = f"127.0.0.1:{server.port}"
+        with Client(target, timeout=60, retries=0) as client, pytest.raises(grpc.RpcError) as info:
+            client.generate("Hi", max_tokens=1)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "no replica" in info.value.details()
+        threading.Timer(0.3, lambda: setattr(rep, "draining", False)).start()
+        with Client(target, timeout=60, retries=4, retry_backoff=0.5) as client:
+            assert client.generate("Hi", temperature=0, max_tokens=1).usage.completion_tokens == 1
+        refused = server.servicer.metrics.requests.labels("Generate", "UNAVAILABLE")._value.get()
+        assert refused >= 2  # the first client's call and at least one attempt of the second's
+    with pytest.raises(ValueError, match="retries"):
+        Client(target, retries=9)
