@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "the longest context, at a pessimistic speed for the device; at least 30)")
     serve.add_argument("--placement-timeout", type=float, default=600.0,
                        help="seconds to wait for the cluster to fit a replica (its GPUs / TPU hosts) before failing")
+    serve.add_argument("--placement-strategy", choices=("pack", "spread"), default=None,
+                       help="where a replica's shards go: pack (as few nodes as fit them) or spread (each on its "
+                            "own node, as TPU hosts or one-GPU nodes need); default: spread for a multi-host XLA "
+                            "slice, else pack")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output per request (default: the model's context; 4096 on xla, "
                             "where each doubling adds compiled graphs)")

@@ -298,6 +298,10 @@ class _Channel:
         self.streams.clear()
 
 
+# --placement-strategy -> Ray's placement-group strategy for a replica's bundles.
+PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "STRICT_SPREAD"}
+
+
 class RayReplica:
     """Gateway-side handle of one replica: its placement group, shard workers and coordinator."""
 
@@ -306,15 +310,22 @@ class RayReplica:
     def __init__(self, model: str, dtype: str | None, variant: str | None, tp: int, config: EngineConfig,
                  cpus_per_actor: float = 0.01, threads_per_worker: int = 1, name: str | None = None,
                  step_timeout: float = 120.0, device: str = "cpu", placement_timeout: float = 600.0,
-                 dispatch: str = "auto"):
+                 dispatch: str = "auto", placement_strategy: str | None = None):
         """tp: shard workers (tensor-parallel ranks; with device "xla", hosts of the slice, one
         actor per host owning all its chips). dtype None: the device's default.
         placement_timeout: seconds to wait for the cluster to fit the replica (GPUs, TPU hosts)
-        before failing with the resources it asked for (an autoscaler may add nodes meanwhile)."""
+        before failing with the resources it asked for (an autoscaler may add nodes meanwhile).
+        placement_strategy: "pack" (the shards on as few nodes as fit them) or "spread" (each shard
+        on its own node, as TPU hosts or one-GPU nodes need); None: spread for a multi-host XLA
+        slice, else pack."""
         self.name = name or f"replica-{next(self._names)}"
         self.tp = tp
         self.device = device
         self.placement_timeout = placement_timeout
+        self.placement_strategy = placement_strategy or ("spread" if device == "xla" and tp > 1 else "pack")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {placement_strategy!r}")
         self._spec = (model, dtype, variant, config, cpus_per_actor, threads_per_worker, step_timeout)
         self.dispatch = resolve_dispatch(dispatch, device)  # how the coordinator should send steps (RemoteRunner)
         self.dispatch_in_use: str | None = None  # what it does (a graph that fails to compile: actor calls)
@@ -330,9 +341,10 @@ class RayReplica:
         model, dtype, variant, config, cpus, threads, step_timeout = self._spec
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         worker_bundle = {"CPU": cpus, **accelerator_bundle(self.device, nodes)}
-        # XLA hosts of one slice go one per node; torch.distributed ranks pack onto few nodes.
-        strategy = "SPREAD" if self.device == "xla" and self.tp > 1 else "PACK"
-        bundles = [worker_bundle] * self.tp + [{"CPU": cpus}]
+        # Bundle 0 holds rank 0 and the coordinator (it talks to rank 0 most, and a strict spread
+        # then needs a node per shard, not one more); bundle r holds rank r.
+        strategy = PLACEMENT_STRATEGIES[self.placement_strategy]
+        bundles = [{**worker_bundle, "CPU": 2 * cpus}] + [worker_bundle] * (self.tp - 1)
         self.placement = placement_group(bundles, strategy=strategy)
         try:
             ray.get(self.placement.ready(), timeout=self.placement_timeout)
@@ -357,7 +369,7 @@ class RayReplica:
         # Its engine thread blocks on step results with ray.get, off the actor's event loop; Ray
         # warns about any ray.get in an async actor, so that warning is off here.
         self.coordinator = ray.remote(Coordinator).options(
-            num_cpus=cpus, scheduling_strategy=self._bundle(self.tp), max_concurrency=1000,
+            num_cpus=cpus, scheduling_strategy=self._bundle(0), max_concurrency=1000,
             runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}}).remote(
             model, variant, self.workers, min(blocks), config, step_timeout, self.dispatch)
         self.dispatch_in_use = ray.get(self.coordinator.ready.remote())
@@ -427,6 +439,10 @@ class RayReplica:
     def stats(self) -> EngineStats:
         """The coordinator's engine counters."""
         return ray.get(self.coordinator.stats.remote())
+
+    def shard_nodes(self) -> list[str]:
+        """The Ray node id each shard worker runs on, by rank."""
+        return ray.get([w.node_id.remote() for w in self.workers])
 
     def num_parameters_per_rank(self) -> list[int]:
         """Parameters held by each shard worker."""

@@ -122,6 +122,12 @@ class ShardWorker:
         the sampled tokens (with the seconds it spent), the other ranks None."""
         return self.plans.execute_plan(plan)
 
+    def node_id(self) -> str:
+        """The Ray node this shard runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def num_parameters(self) -> int:
         """Parameters this rank holds (its shard)."""
         return sum(p.numel() for p in self.runner.model.parameters())

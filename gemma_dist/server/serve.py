@@ -103,7 +103,8 @@ async def _serve(args: argparse.Namespace) -> int:
     def make_replica(name: str) -> RayReplica:
         return RayReplica(args.model, dtype, args.variant, args.tp, engine_config,
                           threads_per_worker=threads, name=name, device=device, step_timeout=step_timeout,
-                          placement_timeout=args.placement_timeout, dispatch=args.step_dispatch)
+                          placement_timeout=args.placement_timeout, dispatch=args.step_dispatch,
+                          placement_strategy=args.placement_strategy)
 
     loop = asyncio.get_running_loop()
     replicas = await asyncio.gather(*(loop.run_in_executor(None, make_replica, f"replica-{i}")
