@@ -47,7 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="longest prompt + output per request (default: the model's context; 4096 on xla, "
                             "where each doubling adds compiled graphs)")
-    serve.add_argument("--replicas", type=int, default=1, help="model replicas")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="model replicas (with --min/--max-replicas: how many to start with, kept in bounds)")
+    serve.add_argument("--min-replicas", type=int, default=None,
+                       help="autoscale: fewest replicas (with --max-replicas; default: fixed --replicas)")
+    serve.add_argument("--max-replicas", type=int, default=None, help="autoscale: most replicas")
+    serve.add_argument("--scale-up-queue", type=float, default=2.0,
+                       help="autoscale: requests waiting per ready replica that ask for one more (KV-cache use "
+                            "over 90%% does too; nothing waiting and under 50%% asks for one fewer)")
+    serve.add_argument("--scale-window", type=float, default=10.0,
+                       help="autoscale: seconds a signal must hold before a replica is added or drained")
+    serve.add_argument("--scale-cooldown", type=float, default=30.0,
+                       help="autoscale: seconds after a change before the next")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only)")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=8000)
@@ -166,9 +177,26 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads-per-worker must be >= 0, got {args.threads_per_worker}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if (args.min_replicas is None) != (args.max_replicas is None):
+        raise ValueError("--min-replicas and --max-replicas go together")
+    if args.min_replicas is not None:
+        try:
+            autoscale_config(args)
+        except ValueError as e:
+            raise ValueError(f"autoscale: {e} (--min-replicas, --max-replicas, --scale-*)") from None
     if args.max_num_batched_tokens < args.max_num_seqs:
         raise ValueError(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be >= --max-num-seqs "
                          f"({args.max_num_seqs})")
+
+
+def autoscale_config(args: argparse.Namespace):
+    """The AutoscaleConfig of `serve`'s flags, or None with a fixed --replicas."""
+    if args.min_replicas is None:
+        return None
+    from gemma_dist.server.autoscale import AutoscaleConfig
+
+    return AutoscaleConfig(args.min_replicas, args.max_replicas, up_queue=args.scale_up_queue,
+                           window=args.scale_window, cooldown=args.scale_cooldown)
 
 
 def serve_settings(args: argparse.Namespace) -> dict:

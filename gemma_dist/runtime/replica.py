@@ -340,11 +340,9 @@ class RayReplica:
         """Create the placement group, the shard workers (loaded) and the coordinator."""
         model, dtype, variant, config, cpus, threads, step_timeout = self._spec
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        worker_bundle = {"CPU": cpus, **accelerator_bundle(self.device, nodes)}
-        # Bundle 0 holds rank 0 and the coordinator (it talks to rank 0 most, and a strict spread
-        # then needs a node per shard, not one more); bundle r holds rank r.
+        bundles = replica_bundles(self.tp, self.device, cpus, nodes)
+        worker_bundle = bundles[-1]
         strategy = PLACEMENT_STRATEGIES[self.placement_strategy]
-        bundles = [{**worker_bundle, "CPU": 2 * cpus}] + [worker_bundle] * (self.tp - 1)
         self.placement = placement_group(bundles, strategy=strategy)
         try:
             ray.get(self.placement.ready(), timeout=self.placement_timeout)
@@ -475,6 +473,26 @@ def worker_env() -> dict[str, str]:
     import os
 
     return {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if name in os.environ}
+
+
+def replica_bundles(tp: int, device: str, cpus: float, nodes: list[dict]) -> list[dict]:
+    """The placement-group bundles of one replica. Bundle 0 holds rank 0 and the coordinator (it
+    talks to rank 0 most, and a strict spread then needs a node per shard, not one more); bundle r
+    holds rank r. nodes: the alive nodes' resources (what an accelerator bundle looks like)."""
+    worker = {"CPU": cpus, **accelerator_bundle(device, nodes)}
+    return [{**worker, "CPU": 2 * cpus}] + [worker] * (tp - 1)
+
+
+def request_capacity(replicas: int, tp: int, device: str, cpus: float = 0.01) -> None:
+    """Ask Ray's autoscaler for the resources of `replicas` replicas (on a cluster that autoscales,
+    nodes come up for them; elsewhere it changes nothing). Declarative: the latest call wins."""
+    from ray.autoscaler.sdk import request_resources
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    try:
+        request_resources(bundles=replica_bundles(tp, device, cpus, nodes) * replicas)
+    except Exception as e:  # noqa: BLE001 - advisory: placement still waits up to --placement-timeout
+        log.warning("could not ask the Ray autoscaler for %d replicas' resources: %s", replicas, e)
 
 
 def accelerator_bundle(device: str, nodes: list[dict]) -> dict:

@@ -24,6 +24,7 @@ from gemma_dist.engine.llm_engine import RequestDelta
 from gemma_dist.engine.sequence import FinishReason
 from gemma_dist.runtime import ReplicaFailure
 from gemma_dist.sampling import SamplingParams
+from gemma_dist.server.autoscale import AutoscaleConfig, Autoscaler, Load
 from gemma_dist.server.metrics import GatewayMetrics
 from gemma_dist.server.routing import Router
 from gemma_dist.server.validation import CheckedRequest, ServedModel, ValidationError, check_generate, check_length
@@ -72,6 +73,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         self.max_queued_requests = max_queued_requests  # admitted but no first token yet; None = unbounded
         self.queue_timeout = queue_timeout  # seconds a request may wait for its first token
         self.queued = 0
+        self.ready_stats: dict = {}  # replica name -> EngineStats of the ready replicas, as of the last refresh
         self._rebuilds: set = set()  # background rebuilds of failed replicas
         self.served = served
         self.tokenizer = tokenizer
@@ -156,6 +158,7 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
         loop = asyncio.get_running_loop()
         ready = [r for r in self.replicas if r.is_ready()]
         self.metrics.replicas_ready.set(len(ready))
+        fresh = {}
         for replica in ready:
             try:
                 stats = await loop.run_in_executor(None, replica.stats)
@@ -163,6 +166,8 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
                 self._on_replica_failure(replica, ReplicaFailure(f"{replica.name}: stats failed ({type(e).__name__})"))
                 continue
             self.metrics.record_replica(replica.name, stats)
+            fresh[replica.name] = stats
+        self.ready_stats = fresh
 
     async def Abort(self, request, context):
         """Stop the named requests in flight (all samples of one with n > 1); returns those that were."""
@@ -455,29 +460,36 @@ def _merge(response: gemma_pb2.GenerateResponse, delta: RequestDelta) -> None:
         response.usage.completion_tokens = delta.completion_tokens
 
 
-class AdminServicer(gemma_pb2_grpc.AdminServiceServicer):
-    """Live scaling: adds replicas from a factory, drains and removes surplus ones."""
+class Scaler:
+    """Grows and shrinks a servicer's replica set, one change at a time: the Scale RPC and the
+    autoscaler (gemma_dist.server.autoscale) both go through it."""
 
-    def __init__(self, servicer: GemmaServicer, make_replica: Callable[[str], Replica] | None):
+    def __init__(self, servicer: GemmaServicer, make_replica: Callable[[str], Replica] | None,
+                 autoscale: AutoscaleConfig | None = None, on_desired: Callable[[int], None] | None = None):
+        """make_replica: name -> a started replica (blocking; run off the loop). on_desired:
+        n -> None, called before growing to n replicas (ask the cluster for their resources)."""
         self.servicer = servicer
-        self.make_replica = make_replica  # name → a started replica (blocking; run off the loop)
-        self._lock = asyncio.Lock()
+        self.make_replica = make_replica
+        self.autoscaler = Autoscaler(autoscale) if autoscale is not None and make_replica is not None else None
+        self.on_desired = on_desired
+        self.lock = asyncio.Lock()
         self._names = itertools.count(len(servicer.replicas))
+        self._task: asyncio.Task | None = None  # the autoscaler's change in progress
 
-    async def Scale(self, request, context):
-        """Grow or shrink to request.replicas; returns once the change is done."""
-        if request.replicas < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replicas: must be >= 1, got {request.replicas}")
-        if self.make_replica is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server cannot start replicas")
-        async with self._lock:
+    async def scale_to(self, count: int) -> int:
+        """Grow or shrink to `count` replicas (new ones started, surplus ones drained first, the
+        least loaded first); returns how many there are once done."""
+        async with self.lock:
+            self.servicer.metrics.replicas_desired.set(count)
             replicas = self.servicer.replicas
             loop = asyncio.get_running_loop()
-            while len(replicas) < request.replicas:
+            if count > len(replicas) and self.on_desired is not None:
+                await loop.run_in_executor(None, self.on_desired, count)
+            while len(replicas) < count:
                 name = f"replica-{next(self._names)}"
                 log.info("scaling up: starting %s", name)
                 replicas.append(await loop.run_in_executor(None, self.make_replica, name))
-            while len(replicas) > request.replicas:
+            while len(replicas) > count:
                 victim = min(replicas, key=lambda r: r.load())
                 victim.draining = True  # no new requests; the in-flight ones finish
                 log.info("scaling down: draining %s", victim.name)
@@ -486,7 +498,45 @@ class AdminServicer(gemma_pb2_grpc.AdminServiceServicer):
                 replicas.remove(victim)
                 self.servicer.router.forget(victim.name)
                 await loop.run_in_executor(None, victim.shutdown)
-            return gemma_pb2.ScaleResponse(replicas=len(replicas))
+            return len(replicas)
+
+    def tick(self, now: float) -> None:
+        """One autoscaler observation (after the servicer refreshed its replicas' stats); starts a
+        change in the background when the policy asks for one and none is in progress."""
+        if self.autoscaler is None or self.lock.locked() or (self._task is not None and not self._task.done()):
+            return
+        stats = list(self.servicer.ready_stats.values())
+        total = sum(s.total_blocks for s in stats)
+        load = Load(ready=len(stats), waiting=sum(s.waiting for s in stats),
+                    kv_use=sum(s.total_blocks - s.free_blocks for s in stats) / total if total else 0.0)
+        current = len(self.servicer.replicas)
+        wanted = self.autoscaler.desired(now, load, current)
+        self.servicer.metrics.replicas_desired.set(wanted)
+        if wanted != current:
+            log.info("autoscaler: %d -> %d replicas (%s)", current, wanted, load)
+            self._task = asyncio.get_running_loop().create_task(self._autoscale(wanted))
+
+    async def _autoscale(self, count: int) -> None:
+        try:
+            await self.scale_to(count)
+        except Exception:  # e.g. a replica the cluster could not place within --placement-timeout
+            log.exception("autoscaler: scaling to %d replicas failed; retrying after the cooldown", count)
+            self.autoscaler.failed(time.monotonic())
+
+
+class AdminServicer(gemma_pb2_grpc.AdminServiceServicer):
+    """Live scaling by hand (the autoscaler, when on, may change it again later)."""
+
+    def __init__(self, scaler: Scaler):
+        self.scaler = scaler
+
+    async def Scale(self, request, context):
+        """Grow or shrink to request.replicas; returns once the change is done."""
+        if request.replicas < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replicas: must be >= 1, got {request.replicas}")
+        if self.scaler.make_replica is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server cannot start replicas")
+        return gemma_pb2.ScaleResponse(replicas=await self.scaler.scale_to(request.replicas))
 
 
 class MalformedRequest:
@@ -547,13 +597,17 @@ def _service_handler(servicer: GemmaServicer) -> grpc.GenericRpcHandler:
 async def start_server(servicer: GemmaServicer, host: str = "127.0.0.1", port: int = 50051,
                        server_credentials: grpc.ServerCredentials | None = None,
                        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                       make_replica: Callable[[str], Replica] | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start the grpc.aio server (GemmaService, AdminService, health, reflection); returns it and its port."""
+                       make_replica: Callable[[str], Replica] | None = None, autoscale: AutoscaleConfig | None = None,
+                       on_desired: Callable[[int], None] | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the grpc.aio server (GemmaService, AdminService, health, reflection); returns it and
+    its port. With `autoscale` (and `make_replica`), the autoscaler runs on each metrics refresh."""
     server = grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     server.add_generic_rpc_handlers((_service_handler(servicer),))
-    gemma_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(servicer, make_replica), server)
+    scaler = Scaler(servicer, make_replica, autoscale, on_desired)
+    servicer.metrics.replicas_desired.set(len(servicer.replicas))
+    gemma_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(scaler), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -570,13 +624,15 @@ async def start_server(servicer: GemmaServicer, host: str = "127.0.0.1", port: i
     for name in ("", SERVICE_NAME):
         await health.set(name, status)
     server.health = health  # for callers that update health later (replica failures)
-    server.metrics_task = asyncio.get_running_loop().create_task(_refresh_forever(servicer, health))
+    server.scaler = scaler
+    server.metrics_task = asyncio.get_running_loop().create_task(_refresh_forever(servicer, health, scaler))
     return server, bound
 
 
-async def _refresh_forever(servicer: GemmaServicer, health: HealthServicer, every: float = 1.0) -> None:
+async def _refresh_forever(servicer: GemmaServicer, health: HealthServicer, scaler: Scaler,
+                           every: float = 1.0) -> None:
     """Keep the gauges and the health status fresh while the server runs (NOT_SERVING only while
-    no replica is ready)."""
+    no replica is ready), and let the autoscaler look at each refresh."""
     while True:
         try:
             serving = any(r.is_ready() for r in servicer.replicas)
@@ -584,6 +640,7 @@ async def _refresh_forever(servicer: GemmaServicer, health: HealthServicer, ever
             for name in ("", SERVICE_NAME):
                 await health.set(name, status)
             await servicer.refresh_metrics()
+            scaler.tick(time.monotonic())
         except Exception:  # a replica going away must not stop the metrics
             log.exception("refreshing metrics failed")
         await asyncio.sleep(every)

@@ -44,6 +44,8 @@ class GatewayMetrics:
         self.prefix_cache_hit_rate = Gauge("gemma_prefix_cache_hit_rate", "Share of looked-up prompt tokens "
                                            "found cached, since the replica started", ["replica"], registry=r)
         self.replicas_ready = Gauge("gemma_replicas_ready", "Replicas ready to serve", registry=r)
+        self.replicas_desired = Gauge("gemma_replicas_desired", "Replicas the autoscaler (or the last Scale call) "
+                                      "wants", registry=r)
         self.engine_steps = Gauge("gemma_engine_steps", "Engine steps run by a replica (cumulative)", ["replica"],
                                   registry=r)
         self.engine_step_seconds = Gauge(

@@ -67,7 +67,8 @@ async def _serve(args: argparse.Namespace) -> int:
     from gemma_dist.engine.llm_engine import EngineConfig
     from gemma_dist.engine.xla_runner import DEFAULT_MAX_MODEL_LEN
     from gemma_dist.model.loading import open_checkpoint
-    from gemma_dist.runtime.replica import RayReplica, default_step_timeout
+    from gemma_dist.cli import autoscale_config
+    from gemma_dist.runtime.replica import RayReplica, default_step_timeout, request_capacity
     from gemma_dist.server.gateway import GemmaServicer, start_server
     from gemma_dist.server.validation import ServedModel
 
@@ -106,9 +107,12 @@ async def _serve(args: argparse.Namespace) -> int:
                           placement_timeout=args.placement_timeout, dispatch=args.step_dispatch,
                           placement_strategy=args.placement_strategy)
 
+    autoscale = autoscale_config(args)
+    count = args.replicas if autoscale is None else min(max(args.replicas, autoscale.min_replicas),
+                                                        autoscale.max_replicas)
     loop = asyncio.get_running_loop()
     replicas = await asyncio.gather(*(loop.run_in_executor(None, make_replica, f"replica-{i}")
-                                      for i in range(args.replicas)))
+                                      for i in range(count)))
     served = ServedModel(args.model if args.model == "default" else config.name, config.vocab_size,
                          max_model_len, args.max_tokens_limit)
     servicer = GemmaServicer(replicas, served, tokenizer, config.name, tp=args.tp,
@@ -118,7 +122,8 @@ async def _serve(args: argparse.Namespace) -> int:
     from gemma_dist.engine.llm_engine import tune_gc_for_serving
 
     tune_gc_for_serving()  # the gateway handles thousands of short-lived messages a second
-    server, port = await start_server(servicer, args.host, args.port, credentials, interceptors, make_replica)
+    server, port = await start_server(servicer, args.host, args.port, credentials, interceptors, make_replica,
+                                      autoscale, lambda n: request_capacity(n, args.tp, device))
     metrics_port = servicer.metrics.serve(args.host, args.metrics_port)
     log.info("metrics on http://%s:%d/metrics", args.host, metrics_port)
     http = None

@@ -527,6 +527,10 @@ def test_dry_run_shows_the_step_limits_and_dispatch(capsys):
                         "--step-dispatch", "compiled-graph"], capsys)[1]
     assert (settings["max_num_seqs"], settings["max_num_batched_tokens"]) == (256, 8192)
     assert settings["step_dispatch"] == "compiled-graph"
+    settings = dry_run(["--min-replicas", "1", "--max-replicas", "3", "--scale-up-queue", "4",
+                        "--placement-strategy", "spread"], capsys)[1]
+    assert (settings["min_replicas"], settings["max_replicas"], settings["scale_up_queue"]) == (1, 3, 4.0)
+    assert settings["placement_strategy"] == "spread"
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -541,6 +545,9 @@ def test_dry_run_shows_the_step_limits_and_dispatch(capsys):
     (["--kv-cache-memory", "0"], "--kv-cache-memory"),
     (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--step-timeout", "0"], "--step-timeout"),
+    (["--min-replicas", "1"], "--max-replicas"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas"),
+    (["--min-replicas", "1", "--max-replicas", "2", "--scale-window", "-1"], "--scale-"),
     (["--max-num-seqs", "128", "--max-num-batched-tokens", "64"], "--max-num-batched-tokens"),
 ])
 def test_dry_run_rejects_bad_values_naming_the_flag(argv, flag, capsys):

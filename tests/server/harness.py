@@ -15,7 +15,7 @@ class ServerThread:
     """A grpc.aio gateway running on its own event loop in a background thread."""
 
     def __init__(self, servicer: GemmaServicer, credentials=None, interceptors=(), make_replica=None,
-                 http_token: str | None = None, http: bool = False):
+                 http_token: str | None = None, http: bool = False, autoscale=None):
         self.loop = asyncio.new_event_loop()
         self.servicer = servicer
         self.http = None  # the OpenAI HTTP front, when asked for (`http_port`)
@@ -23,7 +23,7 @@ class ServerThread:
 
         async def start():
             self.server, self.port = await start_server(servicer, "127.0.0.1", 0, credentials, interceptors,
-                                                        make_replica)
+                                                        make_replica, autoscale)
             if http:
                 from gemma_dist.server.openai_http import start_http
 
@@ -63,12 +63,13 @@ async def _cancel_other_tasks() -> None:
 
 @contextlib.contextmanager
 def running_gateway(replicas, llm, max_tokens_limit: int = 4096, credentials=None, interceptors=(),
-                    make_replica=None, http: bool = False, http_token: str | None = None, **limits):
+                    make_replica=None, http: bool = False, http_token: str | None = None, autoscale=None,
+                    **limits):
     """Serve `replicas` (shut down afterwards) as the default model described by the offline `llm`;
     with `http`, the OpenAI front too (on `server.http_port`)."""
     model = ServedModel("default", llm.config.vocab_size, llm.config.max_position_embeddings, max_tokens_limit)
     server = ServerThread(GemmaServicer(replicas, model, llm.tokenizer, llm.config.name, **limits), credentials,
-                          interceptors, make_replica, http_token=http_token, http=http)
+                          interceptors, make_replica, http_token=http_token, http=http, autoscale=autoscale)
     try:
         yield server
     finally:

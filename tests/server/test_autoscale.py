@@ -1,0 +1,43 @@
+"""Autoscaling on a real gateway (gRPC on 127.0.0.1, in-process replicas of the real Gemma 3 270M):
+a load ramp raises replicas_ready to max_replicas, idleness brings it back, and no request fails."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+from gemma_dist.client import Client
+from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
+from gemma_dist.runtime.local import LocalReplica
+from gemma_dist.server.autoscale import AutoscaleConfig
+from tests.server.harness import running_gateway, wait_until
+
+
+def test_a_load_ramp_scales_to_max_and_idleness_back_to_min_without_a_failure(default_llm):
+    def make_replica(name: str) -> LocalReplica:  # two sequences at a time: a burst must queue
+        return LocalReplica(name, LLMEngine(default_llm.model, default_llm.tokenizer,
+                                            EngineConfig(kv_cache_memory=32 << 20, max_num_seqs=2)))
+
+    config = AutoscaleConfig(min_replicas=1, max_replicas=2, up_queue=2.0, window=1.0, cooldown=2.0)
+    with running_gateway([make_replica("replica-0")], default_llm, make_replica=make_replica,
+                         autoscale=config) as server:
+        target = f"127.0.0.1:{server.port}"
+        with Client(target, timeout=300, retries=0) as client:
+            assert client.model_info().replicas_ready == 1
+
+            def one(i: int):
+                with Client(target, timeout=300, retries=0) as c:
+                    return c.generate(f"Story {i}:", temperature=0, max_tokens=48, ignore_eos=True)
+
+            with concurrent.futures.ThreadPoolExecutor(12) as pool:
+                ramp = [pool.submit(one, i) for i in range(12)]  # 10 wait behind 2 running: up
+                assert wait_until(lambda: client.model_info().replicas_ready == 2, seconds=120)
+                more = [pool.submit(one, 100 + i) for i in range(4)]  # the new replica takes some
+                results = [f.result() for f in ramp + more]
+            assert all(r.usage.completion_tokens == 48 for r in results)  # zero failed requests
+            steps = server.servicer.metrics.engine_steps  # per replica, kept after one is removed
+            assert steps.labels("replica-0")._value.get() > 0 and steps.labels("replica-1")._value.get() > 0
+            assert wait_until(lambda: client.model_info().replicas_ready == 1, seconds=60)  # idle: down
+            assert client.generate("Hi", temperature=0, max_tokens=2).usage.completion_tokens == 2
+        metrics = server.servicer.metrics
+        assert metrics.replicas_desired._value.get() == 1
+        assert metrics.requests.labels("Generate", "OK")._value.get() == 17
