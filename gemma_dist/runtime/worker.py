@@ -122,6 +122,10 @@ class ShardWorker:
         the sampled tokens (with the seconds it spent), the other ranks None."""
         return self.plans.execute_plan(plan)
 
+    def pid(self) -> int:
+        """This worker's process id (for operators and fault tests)."""
+        return os.getpid()
+
     def node_id(self) -> str:
         """The Ray node this shard runs on."""
         import ray

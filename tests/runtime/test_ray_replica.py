@@ -111,6 +111,47 @@ def test_engine_errors_cross_the_ray_boundary_as_value_errors(tp2_replica):
     assert (stats.running, stats.waiting) == (0, 0)
 
 
+def test_a_stopped_shard_is_caught_by_the_step_watchdog_and_the_replica_rebuilds(ray_cluster):
+    """SIGSTOP on rank 1 mid-stream: rank 0 waits in a collective that never completes; the step
+    watchdog (--step-timeout) fails the replica within its timeout plus a margin, and a rebuilt
+    replica serves again."""
+    import os
+    import signal
+    import time
+
+    from gemma_dist.runtime import ReplicaFailure
+
+    replica = RayReplica("default", "float32", None, tp=2, config=EngineConfig(kv_cache_memory=64 << 20),
+                         name="stopped", step_timeout=5.0)
+    stopped: list[float] = []
+    pid = ray.get(replica.workers[1].pid.remote())
+
+    async def stream():
+        try:
+            async for delta in replica.generate("long", SamplingParams(temperature=0, max_tokens=400, ignore_eos=True),
+                                                prompt="Once upon a time"):
+                if delta.token_ids and not stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(time.monotonic())
+        except ReplicaFailure as failure:
+            return time.monotonic() - stopped[0], str(failure)
+        return None, "finished"
+
+    try:
+        waited, reason = asyncio.run(asyncio.wait_for(stream(), timeout=120))
+        assert waited is not None and 4.0 <= waited <= 5.0 + 20.0, (waited, reason)  # 5 s watchdog + a margin
+        assert "watchdog" in reason
+        replica.rebuild()  # (the gateway does this when it sees the failure)
+        deltas = asyncio.run(collect(replica, "Hello", SamplingParams(temperature=0, max_tokens=3)))
+        assert sum(len(d.token_ids) for d in deltas) == 3
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)  # (killed by the rebuild; harmless if gone)
+        except ProcessLookupError:
+            pass
+        replica.shutdown()
+
+
 def test_a_replica_the_cluster_cannot_fit_fails_fast_naming_the_resources(ray_cluster):
     """--device cuda on a cluster without GPUs: a clear error, not a replica pending forever."""
     from gemma_dist.runtime import ReplicaFailure
