@@ -221,8 +221,8 @@ class GemmaServicer(gemma_pb2_grpc.GemmaServiceServicer):
     async def serve_samples(self, checked: CheckedRequest, deadline: float | None) -> AsyncIterator[tuple[RequestDelta, int]]:
         """(delta, sample index) of a checked request's n samples, merged in arrival order: n
         requests for the same prompt (ids request_id-i, seed + i when seeded). Sample 0 goes first;
-        the others start once it has its first token, so its prompt's full blocks are cached by then
-        and they share them (prefix caching) instead of computing the prompt n times. The first
+        the others start once it has its first token, on its replica, forked from it (its full
+        blocks shared, its partial block copied) instead of computing the prompt n times. The first
         failure ends them all. Beam search (params.beam_width >= 1) goes to serve_beams."""
         if checked.params.beam_search:
             async for item in self.serve_beams(checked, deadline):
