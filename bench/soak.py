@@ -6,10 +6,16 @@ bench_overhead, the real tokenizer, so steps are short and churn is high; or `--
 Each request has a random prompt and output length; some are cancelled after a random delay, some
 get a deadline shorter than they need, and halfway through one shard worker is killed (SIGKILL):
 its replica is rebuilt while the others serve. At the end it prints requests by final status, the
-resident memory of the gateway, coordinator and shard worker processes at the start and the end,
-and every replica's KV-cache pages in use once the load has stopped (all should be free).
+resident memory of the gateway, coordinator and shard worker processes after warm-up (a tenth of
+the run, before the kill) and at the end, every replica's KV-cache pages in use once the load has
+stopped (all should be free), and how long the killed shard's replica took to serve again.
+
+With --autoscale the server starts with one replica and --min-replicas 1 --max-replicas
+--replicas (5 s window, 10 s cooldown): the load is a step from nothing, and it also reports the
+time from that step to a second replica being ready.
 
     .venv/bin/python bench/soak.py [--minutes 3] [--streams 16] [--replicas 2] [--tp 1] [--model tiny]
+                                   [--autoscale]
 """
 
 from __future__ import annotations
@@ -84,22 +90,52 @@ async def client_loop(stub, pb2, end: float, rng: random.Random, counts: collect
             counts[e.code().name] += 1
 
 
-async def load(target: str, streams: int, seconds: float, seed: int, kill_at: float, kill) -> collections.Counter:
+async def ready_replicas(stub, pb2) -> int:
+    return (await stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)).replicas_ready
+
+
+async def watch(stub, pb2, events: dict, replicas: int, killed: asyncio.Event, began: float) -> None:
+    """Record when `replicas` are first ready (autoscaling), and after the kill when one is down
+    and when all are ready again."""
+    down_seen = False
+    while True:
+        ready = await ready_replicas(stub, pb2)
+        now = time.monotonic() - began
+        if ready >= replicas and "all_ready" not in events:
+            events["all_ready"] = now
+        if killed.is_set():
+            if ready < replicas and not down_seen:
+                down_seen, events["down"] = True, now
+            elif down_seen and ready >= replicas and "back" not in events:
+                events["back"] = now
+        await asyncio.sleep(0.5)
+
+
+async def load(target: str, streams: int, seconds: float, seed: int, kill_at: float, kill, warm_at: float, warm,
+               replicas: int) -> tuple[collections.Counter, dict]:
     import grpc
 
     from gemma_dist.v1 import gemma_pb2, gemma_pb2_grpc
 
     counts: collections.Counter = collections.Counter()
+    events: dict = {}
+    killed = asyncio.Event()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = gemma_pb2_grpc.GemmaServiceStub(channel)
-        end = time.monotonic() + seconds
-        killer = asyncio.get_running_loop().call_later(kill_at, kill)
+        began = time.monotonic()
+        end = began + seconds
+        loop = asyncio.get_running_loop()
+        timers = [loop.call_later(warm_at, warm),
+                  loop.call_later(kill_at, lambda: (kill(), killed.set(), events.update(kill=time.monotonic() - began)))]
+        watcher = asyncio.ensure_future(watch(stub, gemma_pb2, events, replicas, killed, began))
         try:
             await asyncio.gather(*(client_loop(stub, gemma_pb2, end, random.Random(seed + i), counts)
                                    for i in range(streams)))
         finally:
-            killer.cancel()
-    return counts
+            for timer in timers:
+                timer.cancel()
+            watcher.cancel()
+    return counts, events
 
 
 def main() -> int:
@@ -110,19 +146,22 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--model", default="tiny", help="'tiny' (random, fast steps), 'default', or a path")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autoscale", action="store_true",
+                        help="start with one replica and autoscale to --replicas (reports the scale-up time)")
     args = parser.parse_args()
 
     from gemma_dist.model.loading.default_model import cache_root
 
     model = str(tiny_checkpoint(cache_root() / "bench-tiny-gemma3")) if args.model == "tiny" else args.model
     metrics_port = free_port()
+    scaling = (("--replicas", "1", "--min-replicas", "1", "--max-replicas", str(args.replicas), "--scale-window", "5",
+                "--scale-cooldown", "10") if args.autoscale else ("--replicas", str(args.replicas)))
     proc, target, _ = start_server(args.tp, model, "float32", "cpu", metrics_port,
-                                   ("--replicas", str(args.replicas), "--kv-cache-memory", str(256 << 20)),
-                                   "soak_serve.log")
+                                   (*scaling, "--kv-cache-memory", str(256 << 20)), "soak_serve.log")
     killed: list[str] = []
+    warm_rss: dict[str, float] = {}
     try:
         time.sleep(2)  # the first gauges
-        start_rss = rss_by_role(proc.pid)
 
         def kill_a_shard():
             workers = [pid for pid, role in _process_tree(proc.pid).items() if role == "worker"]
@@ -132,7 +171,9 @@ def main() -> int:
 
         seconds = args.minutes * 60
         began = time.monotonic()
-        counts = asyncio.run(load(target, args.streams, seconds, args.seed, seconds / 2, kill_a_shard))
+        counts, events = asyncio.run(load(target, args.streams, seconds, args.seed, seconds / 2, kill_a_shard,
+                                          seconds / 10, lambda: warm_rss.update(rss_by_role(proc.pid)),
+                                          args.replicas))
         wall = time.monotonic() - began
         time.sleep(3)  # in-flight aborts land, the gauges refresh
         end_rss = rss_by_role(proc.pid)
@@ -146,9 +187,15 @@ def main() -> int:
     for status, count in counts.most_common():
         print(f"| {status} | {count} |")
     print(f"| total | {sum(counts.values())} |\n")
-    print("| process | RSS start (MiB) | RSS end (MiB) |\n|---|---|---|")
+    print("| processes | RSS after warm-up (MiB) | RSS at the end (MiB) | change |\n|---|---|---|---|")
     for role in ("gateway", "coordinator", "worker"):
-        print(f"| {role} (all) | {start_rss.get(role, 0):.0f} | {end_rss.get(role, 0):.0f} |")
+        before, after = warm_rss.get(role, 0.0), end_rss.get(role, 0.0)
+        change = f"{(after - before) / before * 100:+.1f}%" if before else "n/a"
+        print(f"| {role} (all, sum) | {before:.0f} | {after:.0f} | {change} |")
+    print("\n| event | seconds into the run |\n|---|---|")
+    for name, label in (("all_ready", f"{args.replicas} replica(s) ready"), ("kill", "shard killed"),
+                        ("down", "its replica seen out of rotation"), ("back", "all replicas ready again")):
+        print(f"| {label} | {events[name]:.1f} |" if name in events else f"| {label} | not seen |")
     print("\n| replica | KV pages in use at the end | pages |\n|---|---|---|")
     for replica, (used, total) in sorted(pages.items()):
         print(f"| {replica} | {used:.0f} | {total:.0f} |")

@@ -157,6 +157,7 @@ class EngineStats:
     global_pages_used: int = 0  # pages held now by full-attention layers' block tables
     local_pages_used: int = 0  # pages held now by sliding-window layers' tables (their windows only)
     copied_pages: int = 0  # KV pages copied for samples forked from a running one (cumulative)
+    max_num_seqs: int = 0  # the scheduler's limit of sequences in a step (how many may run at once)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -399,7 +400,8 @@ class LLMEngine:
                            blocks.num_blocks, blocks.block_size, self.scheduler.num_preemptions,
                            self.times.as_dict(), self.times.steps, self.scheduler.prefix_queried_tokens,
                            self.scheduler.prefix_hit_tokens, blocks.num_cached, blocks.num_groups,
-                           blocks.owned_global, blocks.owned_local, self.scheduler.num_copied_pages)
+                           blocks.owned_global, blocks.owned_local, self.scheduler.num_copied_pages,
+                           self.scheduler.config.max_num_seqs)
 
     # ------------------------------------------------------------------ the step
 

@@ -2,11 +2,13 @@
 
 The signal is the one users of Ray Serve LLM and KServe ask for: the queue, not the request
 count. Every tick (about a second) the gateway observes, over its ready replicas, the requests
-waiting for a first step (in the replicas' schedulers, and at the gateway for a first token)
-and the share of KV-cache pages in use:
+waiting for a first step in the replicas' schedulers, the sequences running, and the share of
+KV-cache pages in use:
 - up: waiting per ready replica >= up_queue, or KV use >= up_kv, held for `window` seconds;
-- down: nothing waiting and KV use < down_kv, held for `window` seconds (the replica drains
-  before it goes, so nothing is lost);
+- down: nothing waiting, KV use < down_kv, and the running sequences would fill the other
+  replicas' sequence slots to at most `down_busy`, held for `window` seconds (the replica drains
+  before it goes, so nothing is lost; without the last rule a saturated pair of replicas with an
+  empty queue would shrink and refill its queue: flapping);
 - after a change, nothing moves for `cooldown` seconds, so it does not flap; one replica at a
   time, always within [min_replicas, max_replicas].
 """
@@ -24,7 +26,8 @@ class AutoscaleConfig:
     max_replicas: int
     up_queue: float = 2.0  # waiting requests per ready replica that ask for one more replica
     up_kv: float = 0.9  # KV-cache use (pages in use / pages) that asks for one more
-    down_kv: float = 0.5  # with nothing waiting and KV use below this, one fewer
+    down_kv: float = 0.5  # with nothing waiting and KV use below this, one fewer ...
+    down_busy: float = 0.5  # ... if the running sequences fill at most this share of the others' slots
     window: float = 10.0  # seconds a signal must hold before the policy acts on it
     cooldown: float = 30.0  # seconds after a change before the next
 
@@ -35,6 +38,8 @@ class AutoscaleConfig:
             raise ValueError(f"up_queue must be > 0, got {self.up_queue}")
         if not 0 <= self.down_kv < self.up_kv <= 1:
             raise ValueError(f"need 0 <= down_kv < up_kv <= 1, got {self.down_kv}, {self.up_kv}")
+        if not 0 < self.down_busy <= 1:
+            raise ValueError(f"down_busy must be in (0, 1], got {self.down_busy}")
         if self.window < 0 or self.cooldown < 0:
             raise ValueError(f"window and cooldown must be >= 0, got {self.window}, {self.cooldown}")
 
@@ -44,8 +49,10 @@ class Load:
     """One observation of the ready replicas."""
 
     ready: int  # replicas serving
-    waiting: int  # requests waiting for their first step (schedulers' queues + the gateway's)
+    waiting: int  # requests waiting for their first step in the replicas' schedulers
     kv_use: float  # pages in use / pages, over the ready replicas (0..1)
+    running: int = 0  # sequences running in the ready replicas
+    slots: int = 0  # sequences one replica may run at once (its max_num_seqs)
 
 
 class Autoscaler:
@@ -62,7 +69,8 @@ class Autoscaler:
         c = self.config
         if load.ready and (load.waiting / load.ready >= c.up_queue or load.kv_use >= c.up_kv):
             return 1
-        if load.waiting == 0 and load.kv_use < c.down_kv:
+        others = (load.ready - 1) * load.slots  # sequence slots left if one replica goes
+        if load.waiting == 0 and load.kv_use < c.down_kv and load.running <= c.down_busy * others:
             return -1
         return 0
 

@@ -508,7 +508,8 @@ class Scaler:
         stats = list(self.servicer.ready_stats.values())
         total = sum(s.total_blocks for s in stats)
         load = Load(ready=len(stats), waiting=sum(s.waiting for s in stats),
-                    kv_use=sum(s.total_blocks - s.free_blocks for s in stats) / total if total else 0.0)
+                    kv_use=sum(s.total_blocks - s.free_blocks for s in stats) / total if total else 0.0,
+                    running=sum(s.running for s in stats), slots=min((s.max_num_seqs for s in stats), default=0))
         current = len(self.servicer.replicas)
         wanted = self.autoscaler.desired(now, load, current)
         self.servicer.metrics.replicas_desired.set(wanted)

@@ -8,7 +8,8 @@ from gemma_dist.server.autoscale import AutoscaleConfig, Autoscaler, Load
 
 BUSY = Load(ready=1, waiting=5, kv_use=0.3)
 FULL = Load(ready=2, waiting=0, kv_use=0.95)
-IDLE = Load(ready=2, waiting=0, kv_use=0.1)
+IDLE = Load(ready=2, waiting=0, kv_use=0.1, running=3, slots=8)  # 3 running fit half of one replica's 8
+SATURATED = Load(ready=2, waiting=0, kv_use=0.1, running=16, slots=8)  # both full, the queue just emptied
 STEADY = Load(ready=2, waiting=1, kv_use=0.6)  # some queue, some cache: neither up nor down
 
 
@@ -28,6 +29,15 @@ def test_a_gap_in_the_signal_restarts_the_window():
     a.desired(0, BUSY, 1)
     a.desired(8, STEADY, 1)  # the queue drained for a moment
     assert a.desired(12, BUSY, 1) == 1 and a.desired(21.9, BUSY, 1) == 1 and a.desired(22, BUSY, 1) == 2
+
+
+def test_full_replicas_with_an_empty_queue_do_not_shrink():
+    """Removing one would put its running sequences back in a queue (and flap up again)."""
+    a = policy()
+    a.desired(0, SATURATED, 2)
+    assert a.desired(100, SATURATED, 2) == 2
+    assert a.signal(Load(ready=2, waiting=0, kv_use=0.1, running=4, slots=8)) == -1  # 4 <= half of 8
+    assert a.signal(Load(ready=2, waiting=0, kv_use=0.1, running=5, slots=8)) == 0
 
 
 def test_kv_cache_use_alone_asks_for_a_replica():
@@ -62,7 +72,8 @@ def test_out_of_bounds_comes_back_at_once_and_a_failed_change_waits_a_cooldown()
 @pytest.mark.parametrize("kwargs", [dict(min_replicas=0, max_replicas=1), dict(min_replicas=3, max_replicas=2),
                                     dict(min_replicas=1, max_replicas=2, up_queue=0),
                                     dict(min_replicas=1, max_replicas=2, down_kv=0.9, up_kv=0.5),
-                                    dict(min_replicas=1, max_replicas=2, window=-1)])
+                                    dict(min_replicas=1, max_replicas=2, window=-1),
+                                    dict(min_replicas=1, max_replicas=2, down_busy=0)])
 def test_bad_configs(kwargs):
     with pytest.raises(ValueError):
         AutoscaleConfig(**kwargs)
