@@ -10,6 +10,7 @@ message (`Coordinator.poll`), demultiplexed to the request streams in the gatewa
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -17,7 +18,7 @@ import uuid
 from typing import AsyncIterator
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gemma_dist.engine.llm_engine import AsyncLLMEngine, EngineConfig, EngineStats, EngineStoppedError, LLMEngine, \
@@ -306,6 +307,7 @@ class RayReplica:
     """Gateway-side handle of one replica: its placement group, shard workers and coordinator."""
 
     _names = itertools.count()
+    _replicas_on: collections.Counter = collections.Counter()  # node id -> this process's replicas there (rank 0)
 
     def __init__(self, model: str, dtype: str | None, variant: str | None, tp: int, config: EngineConfig,
                  cpus_per_actor: float = 0.01, threads_per_worker: int = 1, name: str | None = None,
@@ -339,11 +341,14 @@ class RayReplica:
     def _build(self) -> None:
         """Create the placement group, the shard workers (loaded) and the coordinator."""
         model, dtype, variant, config, cpus, threads, step_timeout = self._spec
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        bundles = replica_bundles(self.tp, self.device, cpus, nodes)
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        bundles = replica_bundles(self.tp, self.device, cpus, [n["Resources"] for n in alive])
         worker_bundle = bundles[-1]
-        strategy = PLACEMENT_STRATEGIES[self.placement_strategy]
-        self.placement = placement_group(bundles, strategy=strategy)
+        target = self._pack_target(bundles, alive) if self.placement_strategy == "pack" else None
+        # Pack: on one node when one can hold the replica, the node holding fewest of this
+        # gateway's replicas (so replicas spread over nodes); else as few nodes as hold it.
+        strategy = "STRICT_PACK" if target is not None else PLACEMENT_STRATEGIES[self.placement_strategy]
+        self.placement = placement_group(bundles, strategy=strategy, _soft_target_node_id=target)
         try:
             ray.get(self.placement.ready(), timeout=self.placement_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -353,6 +358,8 @@ class RayReplica:
                 f"{self.name}: the Ray cluster could not fit {self.tp} shard worker(s) of {worker_bundle} "
                 f"({strategy}) within {self.placement_timeout:g}s; cluster resources: "
                 f"{ray.cluster_resources()}") from None
+        self._node = placement_group_table(self.placement)["bundles_to_node_id"][0]  # rank 0's node
+        RayReplica._replicas_on[self._node] += 1
         actor = ray.remote(max_restarts=0)(ShardWorker)
         gpus = worker_bundle.get("GPU", 0)
         self.workers = [actor.options(num_cpus=cpus, num_gpus=gpus, resources=_custom(worker_bundle),
@@ -461,6 +468,21 @@ class RayReplica:
         if getattr(self, "placement", None) is not None:
             remove_placement_group(self.placement)
             self.placement = None
+        if getattr(self, "_node", None) is not None:
+            RayReplica._replicas_on[self._node] -= 1
+            self._node = None
+
+    @classmethod
+    def _pack_target(cls, bundles: list[dict], alive: list[dict]) -> str | None:
+        """The node for a packed replica: among the alive nodes whose resources can hold all its
+        bundles, the one where this process runs the fewest replicas; None when no single node
+        can (it then spans nodes)."""
+        need: dict[str, float] = collections.defaultdict(float)
+        for bundle in bundles:
+            for name, amount in bundle.items():
+                need[name] += amount
+        fitting = [n["NodeID"] for n in alive if all(n["Resources"].get(k, 0) >= v for k, v in need.items())]
+        return min(fitting, key=lambda node: cls._replicas_on[node]) if fitting else None
 
 
 def worker_env() -> dict[str, str]:

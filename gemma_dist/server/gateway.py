@@ -497,6 +497,7 @@ class Scaler:
                     await asyncio.sleep(0.05)
                 replicas.remove(victim)
                 self.servicer.router.forget(victim.name)
+                self.servicer.metrics.forget_replica(victim.name)
                 await loop.run_in_executor(None, victim.shutdown)
             return len(replicas)
 

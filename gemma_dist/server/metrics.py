@@ -58,6 +58,14 @@ class GatewayMetrics:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
 
+    def forget_replica(self, name: str) -> None:
+        """Drop a removed replica's gauges (a stale last value would read as a live replica's)."""
+        for gauge in (self.waiting, self.running, self.kv_blocks_used, self.kv_blocks_total, self.kv_pages_used,
+                      self.kv_blocks_cached, self.prefix_cache_queries, self.prefix_cache_hits,
+                      self.prefix_cache_hit_rate, self.engine_steps, self.engine_step_seconds):
+            for labels in [labels for labels in gauge._metrics if labels[0] == name]:
+                gauge.remove(*labels)
+
     def record_replica(self, name: str, stats) -> None:
         """Set one replica's gauges from its EngineStats."""
         self.waiting.labels(name).set(stats.waiting)

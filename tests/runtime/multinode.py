@@ -6,7 +6,8 @@ tests/runtime/test_multinode.py (a process joins one Ray cluster, and the test s
 Three worker nodes of one CPU each and a head without CPUs (it only hosts the driver): a tp=2
 replica placed with "spread" must put its shards on two different nodes and talk over a gloo
 group between them. Then the node of rank 1 is removed while a request streams: the stream must
-fail (not hang), and the replica must rebuild on the two nodes left and serve again.
+fail (not hang), and the replica must rebuild on the two nodes left and serve again. Last, two
+tp=1 replicas placed with "pack" go to different nodes.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ def main() -> None:
         replica.rebuild()
         out["rebuilt_nodes"] = replica.shard_nodes()
         out["after"] = asyncio.run(_stream(replica, "again", "The capital of France is", greedy))
+        replica.shutdown()
+        packed = [RayReplica("default", "float32", None, tp=1, config=EngineConfig(kv_cache_memory=32 << 20),
+                             placement_timeout=120) for _ in range(2)]  # two replicas, pack: one node each
+        out["packed_nodes"] = [r.shard_nodes()[0] for r in packed]
+        for r in packed:
+            r.shutdown()
     finally:
         if replica is not None:
             replica.shutdown()

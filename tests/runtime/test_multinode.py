@@ -42,3 +42,8 @@ def test_removing_a_node_mid_stream_fails_the_stream_and_the_replica_rebuilds_on
     gone = seen["shard_nodes"][1]
     assert len(set(seen["rebuilt_nodes"])) == 2 and gone not in seen["rebuilt_nodes"]
     assert seen["after"] == seen["greedy"]  # serving again, the same greedy tokens
+
+
+def test_packed_replicas_spread_over_the_nodes(seen):
+    """Each packed replica goes to the node holding the fewest of the gateway's replicas."""
+    assert len(set(seen["packed_nodes"])) == 2 and set(seen["packed_nodes"]) <= set(seen["worker_nodes"])

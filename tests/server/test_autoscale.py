@@ -4,6 +4,7 @@ a load ramp raises replicas_ready to max_replicas, idleness brings it back, and 
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 from gemma_dist.client import Client
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
@@ -32,11 +33,17 @@ def test_a_load_ramp_scales_to_max_and_idleness_back_to_min_without_a_failure(de
                 ramp = [pool.submit(one, i) for i in range(12)]  # 10 wait behind 2 running: up
                 assert wait_until(lambda: client.model_info().replicas_ready == 2, seconds=120)
                 more = [pool.submit(one, 100 + i) for i in range(4)]  # the new replica takes some
+                new_replica_steps = 0
+                while not all(f.done() for f in ramp + more):
+                    stats = server.servicer.ready_stats.get("replica-1")
+                    new_replica_steps = max(new_replica_steps, stats.steps if stats else 0)
+                    time.sleep(0.2)
                 results = [f.result() for f in ramp + more]
             assert all(r.usage.completion_tokens == 48 for r in results)  # zero failed requests
-            steps = server.servicer.metrics.engine_steps  # per replica, kept after one is removed
-            assert steps.labels("replica-0")._value.get() > 0 and steps.labels("replica-1")._value.get() > 0
+            assert new_replica_steps > 0  # the new replica served
             assert wait_until(lambda: client.model_info().replicas_ready == 1, seconds=60)  # idle: down
+            gauges = server.servicer.metrics.engine_steps._metrics  # the removed replica's are gone
+            assert wait_until(lambda: set(gauges) == {(r.name,) for r in server.servicer.replicas})
             assert client.generate("Hi", temperature=0, max_tokens=2).usage.completion_tokens == 2
         metrics = server.servicer.metrics
         assert metrics.replicas_desired._value.get() == 1
