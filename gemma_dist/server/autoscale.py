@@ -77,15 +77,14 @@ class Autoscaler:
     def desired(self, now: float, load: Load, current: int) -> int:
         """Replicas wanted at time `now` (seconds, monotonic) given `current` replicas."""
         c = self.config
+        cooling = self._changed_at is not None and now - self._changed_at < c.cooldown
         bounded = min(max(current, c.min_replicas), c.max_replicas)
-        if bounded != current:  # out of bounds (set by hand): back inside at once
-            return self._changed(now, bounded)
+        if bounded != current:  # out of bounds (at start, or set by hand): back inside, no window
+            return current if cooling else self._changed(now, bounded)
         signal = self.signal(load)
         if signal != self._signal:
             self._signal, self._since = signal, now
-        if signal == 0 or now - self._since < c.window:
-            return current
-        if self._changed_at is not None and now - self._changed_at < c.cooldown:
+        if signal == 0 or now - self._since < c.window or cooling:
             return current
         wanted = min(max(current + signal, c.min_replicas), c.max_replicas)
         return self._changed(now, wanted) if wanted != current else current

@@ -5,9 +5,10 @@ tests/runtime/test_multinode.py (a process joins one Ray cluster, and the test s
 
 Three worker nodes of one CPU each and a head without CPUs (it only hosts the driver): a tp=2
 replica placed with "spread" must put its shards on two different nodes and talk over a gloo
-group between them. Then the node of rank 1 is removed while a request streams: the stream must
-fail (not hang), and the replica must rebuild on the two nodes left and serve again. Last, two
-tp=1 replicas placed with "pack" go to different nodes.
+group between them. Then, behind a real gateway, the node of rank 1 is removed while a request
+streams: the stream must end UNAVAILABLE (not hang), and the gateway must rebuild the replica on
+the two nodes left and serve again. Last, two tp=1 replicas placed with "pack" go to different
+nodes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,38 @@ async def _stream(replica, request_id: str, prompt: str, params, on_first=None) 
     except Exception as error:  # noqa: BLE001 - reported
         ended = f"{type(error).__name__}: {error}"
     return {"tokens": tokens, "ended": ended}
+
+
+def _remove_a_node_behind_a_gateway(replica, cluster, victim) -> tuple[dict, list[str], list[int]]:
+    """A stream through a real gateway (gRPC on 127.0.0.1) loses rank 1's node after its first
+    token: how it ended and when; then the gateway's background rebuild, and a request served."""
+    from types import SimpleNamespace
+
+    import grpc
+
+    from gemma_dist.client import Client
+    from gemma_dist.model.loading import open_checkpoint
+    from tests.server.harness import running_gateway, wait_until
+
+    checkpoint = open_checkpoint("default")
+    model = SimpleNamespace(config=checkpoint.config, tokenizer=checkpoint.load_tokenizer())
+    checkpoint.source.close()
+    with running_gateway([replica], model) as server, Client(f"127.0.0.1:{server.port}", timeout=300,
+                                                              retries=0) as client:
+        tokens, ended, started = 0, "ok", None
+        try:
+            for chunk in client.generate_stream("Once upon a time", temperature=0, max_tokens=400, ignore_eos=True):
+                if not tokens and chunk.token_ids:
+                    cluster.remove_node(victim, allow_graceful=False)
+                    started = time.monotonic()
+                tokens += len(chunk.token_ids)
+        except grpc.RpcError as e:
+            ended = e.code().name
+        removed = {"tokens": tokens, "ended": ended, "seconds": time.monotonic() - started}
+        back = wait_until(lambda: replica.is_ready() and replica.rebuilds == 1, seconds=300)
+        removed["rebuilt_after"] = time.monotonic() - started if back else None
+        after = list(client.generate("The capital of France is", temperature=0, max_tokens=16).token_ids)
+        return removed, replica.shard_nodes(), after
 
 
 def main() -> None:
@@ -53,18 +86,7 @@ def main() -> None:
         out["greedy"] = asyncio.run(_stream(replica, "greedy", "The capital of France is", greedy))
 
         victim = next(node for node in nodes if node.node_id == out["shard_nodes"][1])
-        started = time.monotonic()
-
-        def remove_rank1_node():
-            cluster.remove_node(victim, allow_graceful=False)
-
-        long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-        out["removed"] = asyncio.run(_stream(replica, "long", "Once upon a time", long, remove_rank1_node))
-        out["removed"]["seconds"] = time.monotonic() - started
-        replica.rebuild()
-        out["rebuilt_nodes"] = replica.shard_nodes()
-        out["after"] = asyncio.run(_stream(replica, "again", "The capital of France is", greedy))
-        replica.shutdown()
+        out["removed"], out["rebuilt_nodes"], out["after"] = _remove_a_node_behind_a_gateway(replica, cluster, victim)
         packed = [RayReplica("default", "float32", None, tp=1, config=EngineConfig(kv_cache_memory=32 << 20),
                              placement_timeout=120) for _ in range(2)]  # two replicas, pack: one node each
         out["packed_nodes"] = [r.shard_nodes()[0] for r in packed]

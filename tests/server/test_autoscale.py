@@ -48,3 +48,27 @@ def test_a_load_ramp_scales_to_max_and_idleness_back_to_min_without_a_failure(de
         metrics = server.servicer.metrics
         assert metrics.replicas_desired._value.get() == 1
         assert metrics.requests.labels("Generate", "OK")._value.get() == 17
+
+
+def test_a_replica_that_cannot_be_started_is_given_up_and_retried_after_the_cooldown(default_llm):
+    """min_replicas 2 with one running: the autoscaler asks for a second at once; the factory fails
+    (as a replica Ray cannot place within --placement-timeout does): the server keeps serving on
+    one, and the next try waits out the cooldown."""
+    from gemma_dist.runtime import ReplicaFailure
+
+    attempts: list[float] = []
+
+    def unplaceable(name: str):
+        attempts.append(time.monotonic())
+        raise ReplicaFailure(f"{name}: the Ray cluster could not fit it within 0.1s")
+
+    first = LocalReplica("replica-0", LLMEngine(default_llm.model, default_llm.tokenizer,
+                                                EngineConfig(kv_cache_memory=32 << 20)))
+    config = AutoscaleConfig(min_replicas=2, max_replicas=2, window=0.0, cooldown=2.0)
+    with running_gateway([first], default_llm, make_replica=unplaceable, autoscale=config) as server:
+        assert wait_until(lambda: len(attempts) >= 2, seconds=30)
+        assert attempts[1] - attempts[0] >= 1.9  # one try per cooldown, not a tight loop
+        with Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+            assert client.model_info().replicas_ready == 1
+            assert client.generate("Hi", temperature=0, max_tokens=2).usage.completion_tokens == 2
+        assert len(server.servicer.replicas) == 1
