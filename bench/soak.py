@@ -125,8 +125,12 @@ async def load(target: str, streams: int, seconds: float, seed: int, kill_at: fl
         began = time.monotonic()
         end = began + seconds
         loop = asyncio.get_running_loop()
-        timers = [loop.call_later(warm_at, warm),
-                  loop.call_later(kill_at, lambda: (kill(), killed.set(), events.update(kill=time.monotonic() - began)))]
+        def kill_now():
+            kill()
+            killed.set()
+            events["kill"] = time.monotonic() - began
+
+        timers = [loop.call_later(warm_at, warm), loop.call_later(kill_at, kill_now)]
         watcher = asyncio.ensure_future(watch(stub, gemma_pb2, events, replicas, killed, began))
         try:
             await asyncio.gather(*(client_loop(stub, gemma_pb2, end, random.Random(seed + i), counts)

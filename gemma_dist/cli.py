@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-replicas", type=int, default=None, help="autoscale: most replicas")
     serve.add_argument("--scale-up-queue", type=float, default=2.0,
                        help="autoscale: requests waiting per ready replica that ask for one more (KV-cache use "
-                            "over 90%% does too; nothing waiting, under 50%% and the others' slots half free ask for one fewer)")
+                            "over 90%% does too; nothing waiting, under 50%% and the others' slots half free ask "
+                            "for one fewer)")
     serve.add_argument("--scale-window", type=float, default=10.0,
                        help="autoscale: seconds a signal must hold before a replica is added or drained")
     serve.add_argument("--scale-cooldown", type=float, default=30.0,

@@ -92,8 +92,8 @@ class SamplingParams:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     # Beam search (gemma_dist.beam_search) when beam_width >= 1 (0: sampling): keep the beam_width
-    # most likely hypotheses by the model's log-probabilities (temperature, top_p, top_k, min_p and seed do not
-    # apply), rank finished ones by cumulative logprob / length ** length_penalty, and with
+    # most likely hypotheses by the model's log-probabilities (temperature, top_p, top_k, min_p and
+    # seed do not apply), rank finished ones by cumulative logprob / length ** length_penalty, and with
     # early_stopping end as soon as beam_width of them finished.
     beam_width: int = 0
     length_penalty: float = 1.0
@@ -174,14 +174,14 @@ class SamplingParams:
             raise SamplingParamsError(f"early_stopping must be a bool, got {self.early_stopping!r}")
         if not beam_width:
             return
-        unsupported = [name for name, off in (("stop", not self.stop), ("repetition_penalty", self.repetition_penalty == 1),
-                                              ("presence_penalty", self.presence_penalty == 0),
-                                              ("frequency_penalty", self.frequency_penalty == 0),
-                                              ("json_schema", self.json_schema is None), ("regex", self.regex is None),
-                                              ("choice", self.choice is None)) if not off]
-        if unsupported:
-            raise SamplingParamsError(f"{unsupported[0]} is not supported with beam search (beam_width "
-                                      f"{beam_width}); beams are ranked by the model's own log-probabilities")
+        in_use = {"stop": bool(self.stop), "repetition_penalty": self.repetition_penalty != 1,
+                  "presence_penalty": self.presence_penalty != 0, "frequency_penalty": self.frequency_penalty != 0,
+                  "json_schema": self.json_schema is not None, "regex": self.regex is not None,
+                  "choice": self.choice is not None}
+        field = next((name for name, used in in_use.items() if used), None)
+        if field is not None:
+            raise SamplingParamsError(f"{field} is not supported with beam search (beam_width {beam_width}); "
+                                      f"beams are ranked by the model's own log-probabilities")
 
     @property
     def grammar(self) -> str | None:

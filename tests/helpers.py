@@ -151,3 +151,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def assert_same_beams(got_tokens: list[list[int]], got_scores: list[float], want_tokens: list[list[int]],
+                      want_scores: list[float], margin: float = 1e-3, abs_score: float = 1e-4) -> None:
+    """Beam-search results (best first) agree with a reference: every score within `abs_score`, and
+    each beam's tokens wherever the reference's neighbouring scores are more than `margin` apart
+    (beams at a near-tie may come out in either order on another machine's kernels)."""
+    import pytest
+
+    assert len(got_tokens) == len(want_tokens)
+    assert got_scores == pytest.approx(want_scores, abs=abs_score)
+    for i, (got, want) in enumerate(zip(got_tokens, want_tokens)):
+        neighbours = [want_scores[j] for j in (i - 1, i + 1) if 0 <= j < len(want_scores)]
+        if all(abs(want_scores[i] - s) > margin for s in neighbours):
+            assert got == want, f"beam {i}"

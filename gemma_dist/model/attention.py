@@ -92,15 +92,15 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
 def copy_pages(cache: KVCache, pairs: list[tuple[int, int]]) -> None:
     """Copy KV pages source -> destination in every layer's cache (a page id belongs to one layer
     group, so copying it in every tensor copies exactly that group's layers)."""
+    device = cache[0][0].device
+    src = torch.tensor([s for s, _ in pairs], device=device)
+    dst = torch.tensor([d for _, d in pairs], device=device)
     seen: set[int] = set()
     for layer in cache:
-        for tensor in layer:  # (pages, block_size, Hkv, D): k, then v
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            src = torch.tensor([s for s, _ in pairs], device=tensor.device)
-            dst = torch.tensor([d for _, d in pairs], device=tensor.device)
-            tensor.index_copy_(0, dst, tensor.index_select(0, src))
+        for tensor in layer:  # (pages, block_size, Hkv, D): k, then v; layers of one slot share them
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensor.index_copy_(0, dst, tensor.index_select(0, src))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -43,6 +43,10 @@ class AutoscaleConfig:
         if self.window < 0 or self.cooldown < 0:
             raise ValueError(f"window and cooldown must be >= 0, got {self.window}, {self.cooldown}")
 
+    def bounded(self, replicas: int) -> int:
+        """`replicas` moved inside [min_replicas, max_replicas]."""
+        return min(max(replicas, self.min_replicas), self.max_replicas)
+
 
 @dataclasses.dataclass(frozen=True)
 class Load:
@@ -78,7 +82,7 @@ class Autoscaler:
         """Replicas wanted at time `now` (seconds, monotonic) given `current` replicas."""
         c = self.config
         cooling = self._changed_at is not None and now - self._changed_at < c.cooldown
-        bounded = min(max(current, c.min_replicas), c.max_replicas)
+        bounded = c.bounded(current)
         if bounded != current:  # out of bounds (at start, or set by hand): back inside, no window
             return current if cooling else self._changed(now, bounded)
         signal = self.signal(load)
@@ -86,7 +90,7 @@ class Autoscaler:
             self._signal, self._since = signal, now
         if signal == 0 or now - self._since < c.window or cooling:
             return current
-        wanted = min(max(current + signal, c.min_replicas), c.max_replicas)
+        wanted = c.bounded(current + signal)
         return self._changed(now, wanted) if wanted != current else current
 
     def _changed(self, now: float, wanted: int) -> int:

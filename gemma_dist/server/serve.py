@@ -108,8 +108,7 @@ async def _serve(args: argparse.Namespace) -> int:
                           placement_strategy=args.placement_strategy)
 
     autoscale = autoscale_config(args)
-    count = args.replicas if autoscale is None else min(max(args.replicas, autoscale.min_replicas),
-                                                        autoscale.max_replicas)
+    count = args.replicas if autoscale is None else autoscale.bounded(args.replicas)
     loop = asyncio.get_running_loop()
     replicas = await asyncio.gather(*(loop.run_in_executor(None, make_replica, f"replica-{i}")
                                       for i in range(count)))

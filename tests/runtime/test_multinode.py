@@ -29,7 +29,8 @@ def seen() -> dict:
 
 def test_spread_puts_each_shard_on_its_own_node_and_equals_tp1(seen, default_llm):
     assert len(set(seen["shard_nodes"])) == 2 and set(seen["shard_nodes"]) <= set(seen["worker_nodes"])
-    want = default_llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16, logprobs=2))[0]
+    greedy = SamplingParams(temperature=0, max_tokens=16, logprobs=2)
+    want = default_llm.generate(["The capital of France is"], greedy)[0]
     margins = [lp.top[0][1] - lp.top[1][1] for lp in want.logprobs]  # tp=1's top-2 gaps: near-ties may part
     compared = assert_greedy_agrees(seen["greedy"]["tokens"], want.token_ids, margins, what="tp=2 across nodes")
     assert compared >= 8 and seen["greedy"]["ended"] == "ok"
