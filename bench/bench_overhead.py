@@ -7,12 +7,13 @@ accelerator would wait for: scheduling, building the step's inputs, sampling, de
 and moving plans and tokens between processes. One run measures, on the same greedy workload
 (S concurrent streams of P prompt + O output tokens, ignore_eos):
 
-  - the in-process engine (LLMEngine.step in a loop: the baseline);
+  - the in-process engine (LLMEngine.step in a loop: the baseline), and again with greedy rows
+    building whole (streams, 262,144) logits before their argmax (the LM head before its argmax path);
   - `gemma-dist serve` at tp=1 and tp=2 (Ray actors, gloo; steps by actor calls, and at tp=2 also
     by a Ray Compiled Graph), driven by S concurrent gRPC streams from this process over 127.0.0.1;
 
 and reports output tok/s, milliseconds per step split into phases (schedule, prepare, forward,
-sample, postprocess, transport; from the engine's counters, read over /metrics for the served
+sample with the LM head, postprocess, transport; from the engine's counters, read over /metrics for the served
 stack) and CPU-seconds per 1,000 output tokens of every process (gateway, coordinator, shard
 workers, Ray's own, and this client).
 
@@ -126,13 +127,16 @@ def own_cpu() -> float:
 # ------------------------------------------------------------------------------------ in-process engine
 
 
-def run_engine(model_dir: Path, texts: list[str], output_len: int, max_num_seqs: int, max_batched: int) -> dict:
-    """The baseline: LLMEngine.step in a loop over the whole workload."""
+def run_engine(model_dir: Path, texts: list[str], output_len: int, max_num_seqs: int, max_batched: int,
+               argmax_head: bool = True) -> dict:
+    """The baseline: LLMEngine.step in a loop over the whole workload. argmax_head=False: greedy rows
+    build their whole logits first, as before the greedy LM head (the before/after comparison)."""
     from gemma_dist import SamplingParams
     from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 
     engine = LLMEngine.from_model(str(model_dir), "float32", device="cpu", config=EngineConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched, kv_cache_memory=1 << 30))
+    engine.runner.argmax_head = argmax_head
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
     def run(batch: list[str], tag: str) -> tuple[int, float]:
@@ -241,6 +245,9 @@ def main() -> int:
                         help="served configurations TP[:DISPATCH], comma-separated (dispatch: auto, actor-calls, "
                              "compiled-graph; default auto); 'none': the engine only")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--whole-logits", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the engine with greedy rows building whole logits (the LM head before "
+                             "its argmax path), same run")
     parser.add_argument("--model-dir", default=None,
                         help="where the tiny checkpoint lives (built once; default under ~/.cache/gemma_dist)")
     args = parser.parse_args()
@@ -259,6 +266,11 @@ def main() -> int:
         engine[n] = run_engine(model_dir, prompts(n, args.prompt_len, seed=n), args.output_len, max_seqs, batched)
         rows.append(("in-process engine", n, engine[n]))
         print(f"  engine, {n} streams: {engine[n]['tok_s']:.0f} tok/s", file=sys.stderr)
+        if args.whole_logits:
+            whole = run_engine(model_dir, prompts(n, args.prompt_len, seed=n), args.output_len, max_seqs, batched,
+                               argmax_head=False)
+            rows.append(("engine, whole logits", n, whole))
+            print(f"  engine with whole logits, {n} streams: {whole['tok_s']:.0f} tok/s", file=sys.stderr)
     for tp, dispatch in served:
         server = Server(model_dir, tp, dispatch, max_seqs, batched)
         name = f"served tp={tp}" + ("" if dispatch == "auto" else f", {dispatch}")
@@ -275,7 +287,7 @@ def main() -> int:
     print_table(rows, engine)
     print("\nserved = `gemma-dist serve` (gateway, coordinator and shard-worker processes) and S gRPC streams; "
           "dispatch auto = actor calls on CPU. Phases in ms per step: schedule and postprocess on the engine "
-          "(coordinator), prepare / forward / sample on the runner (rank 0); transport = the engine's wait beyond "
+          "(coordinator), prepare / forward / sample on the runner (rank 0; sample includes the LM head); transport = the engine's wait beyond "
           "the runner's own time (0 when it postprocesses meanwhile); idle = the runner waiting between the end "
           "of a step and the start of the next (its own clock): what an accelerator would wait for each step.")
     for n in streams:

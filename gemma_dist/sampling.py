@@ -206,6 +206,13 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def argmax_only(self) -> bool:
+        """True when the token is the plain argmax of the model's logits: greedy, with no penalties,
+        logprobs, constraint or beams (the runner then never builds the row's full logits)."""
+        return (self.is_greedy and not self.has_penalties and self.logprobs == 0 and not self.constrained
+                and not self.beam_search)
+
+    @property
     def has_penalties(self) -> bool:
         """True when any of the repetition, presence or frequency penalties is on."""
         return (

@@ -180,8 +180,8 @@ class EngineTimes:
     schedule: float = 0.0  # the scheduler's plan, and turning it into a StepPlan
     execute: float = 0.0  # handing the step to the runner and waiting for its tokens
     prepare: float = 0.0  # of `execute`, the runner applying the plan and building tensors (as it reports)
-    forward: float = 0.0  # of `execute`, the runner's model forward with the logits
-    sample: float = 0.0  # of `execute`, the runner picking tokens
+    forward: float = 0.0  # of `execute`, the runner's model forward up to the final hidden states
+    sample: float = 0.0  # of `execute`, the runner's LM head and token choice
     postprocess: float = 0.0  # appending tokens, stop checks, detokenizing, building deltas
 
     idle: float = 0.0  # the runner waiting for its next plan between steps (what an accelerator would idle)

@@ -44,12 +44,40 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingR
                 vocab_limit: int | None) -> SampleResult:
     """Sample one token per row of logits (S, vocab); ids >= vocab_limit are never chosen.
     The sampler runs on the host (its generators and buffers are CPU ones): device logits
-    are copied over first."""
+    are copied over first, except on CUDA for argmax-only rows, whose argmax is taken there
+    (S ids cross to the host instead of S x vocab floats)."""
+    fast = argmax_rows(rows) if logits.device.type == "cuda" else []
+    if fast:
+        limit = logits.shape[-1] if vocab_limit is None else min(vocab_limit, logits.shape[-1])
+        picked = logits[torch.tensor(fast, device=logits.device), :limit].argmax(dim=-1).tolist()
+        rest = sorted(set(range(len(rows))) - set(fast))
+        chosen = None
+        if rest:
+            chosen = sample_rows(sampler, logits[torch.tensor(rest, device=logits.device)].float().cpu(),
+                                 [rows[j] for j in rest], vocab_limit)
+        return merge_results(len(rows), fast, picked, rest, chosen)
     if logits.device.type != "cpu":
         logits = logits.float().cpu()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits[:, vocab_limit:] = float("-inf")
     return sampler(logits, list(rows))
+
+
+def argmax_rows(rows: Sequence[SamplingRow]) -> list[int]:
+    """Positions of the rows whose token is the plain argmax of the logits (SamplingParams.argmax_only)."""
+    return [j for j, row in enumerate(rows) if row.params.argmax_only and row.constraint is None]
+
+
+def merge_results(count: int, fast: list[int], fast_tokens: list[int], rest: list[int],
+                  chosen: SampleResult | None) -> SampleResult:
+    """One step's result from its argmax rows' tokens (no logprobs) and the other rows' result."""
+    token_ids, logprobs = [0] * count, [None] * count
+    for j, token in zip(fast, fast_tokens):
+        token_ids[j] = token
+    if chosen is not None:
+        for position, j in enumerate(rest):
+            token_ids[j], logprobs[j] = chosen.token_ids[position], chosen.logprobs[position]
+    return SampleResult(token_ids, logprobs)
 
 
 class ModelRunner:
@@ -58,7 +86,7 @@ class ModelRunner:
     def __init__(self, model: GemmaForCausalLM, num_blocks: int, block_size: int,
                  sampler: Sampler | None = None, vocab_limit: int | None = None, attention: str = "auto",
                  decode_graphs: bool | None = None, max_model_len: int | None = None, prepack: bool = True,
-                 window_pool: bool = True):
+                 window_pool: bool = True, argmax_head: bool = True):
         """attention: "gather" (batched matmuls over gathered keys; CPU default), "kernel" (the
         fused Triton kernel reading the paged cache; CUDA default) or "auto". decode_graphs:
         replay CUDA graphs for decode-only steps (default: on CUDA with the kernel); on CPU it
@@ -67,9 +95,12 @@ class ModelRunner:
         copy (faster GEMMs for the price of the weights' memory once more; layers.PackedFp32).
         num_blocks: blocks of positions for all layers the cache's memory holds; with `window_pool`
         (a model with LOCAL layers) that memory is num_blocks x G pages of one layer group each
-        (gemma_dist.config.KVLayout), so LOCAL layers can give back what their window left."""
+        (gemma_dist.config.KVLayout), so LOCAL layers can give back what their window left.
+        argmax_head: argmax-only rows take the LM head's per-row maximum instead of whole logits
+        (`_sample_hidden`; off only to measure against)."""
         self.model = model
         self.vocab_limit = vocab_limit  # ids at or above it are never sampled (no tokenizer piece)
+        self.argmax_head = argmax_head  # argmax-only rows skip their whole logits (see _sample_hidden)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_layout = KVLayout.of(model.config, window_pool)
@@ -116,9 +147,8 @@ class ModelRunner:
             if not rows:
                 return SampleResult(token_ids=[], logprobs=[]) if sample else None
             last = meta.last_token_index[torch.tensor(rows, device=self.device)]
-            if self.model.parallel.communicates:
-                return self._sample_sharded(hidden[last], [steps[i].sampling for i in rows], sample)
-            logits = self.model.compute_logits(hidden[last])  # (S, vocab) fp32
+            result = self._sample_hidden(hidden[last], [steps[i].sampling for i in rows], sample)
+            return result if sample else None
         if not sample:
             return None
         if not rows:
@@ -137,27 +167,24 @@ class ModelRunner:
         since every rank's persistent batch appends them; only rank 0's carry logprobs."""
         start = time.perf_counter()
         rows = step.sample_rows
-        sharded = False  # logits are this rank's vocabulary slice (tensor parallel)
+        hidden = logits = None
         if self.decode_graphs is not None and self.decode_graphs.fits_prepared(step):
             out = self.decode_graphs.run_prepared(step)  # (B, vocab)
             logits = out[rows] if rows else None
         else:
             hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)
-            logits = None
             if rows:
                 last = step.meta.last_token_index
                 if len(rows) < len(step.num_cached):
                     last = last[torch.tensor(rows, device=self.device)]
-                sharded = self.model.parallel.communicates  # vocab-parallel: candidates cross ranks, not rows
-                logits = self.model.compute_logits(hidden[last], gather=not sharded,  # (S, V) or (S, V_local)
-                                                   out=self._logits_buffer(len(rows), hidden.dtype))
+                hidden = hidden[last]  # (S, H)
         sampled = time.perf_counter()
         if times is not None:
             times.forward += sampled - start
         if not rows:
             result = SampleResult(token_ids=[], logprobs=[])
-        elif sharded:
-            result = self._share_tokens(self._sample_local_logits(logits, step.sampling, sample), len(rows))
+        elif hidden is not None:  # the LM head runs in the sample phase: argmax rows never build logits
+            result = self._sample_hidden(hidden, step.sampling, sample)
         elif sample:
             result = sample_rows(self.sampler, logits, step.sampling, self.vocab_limit)
         else:  # tp > 1 over gathered logits (CUDA graphs): rank 0 samples for everyone
@@ -165,6 +192,52 @@ class ModelRunner:
         if times is not None:
             times.sample += time.perf_counter() - sampled
         return result
+
+    def _sample_hidden(self, hidden: torch.Tensor, rows: Sequence[SamplingRow], sample: bool) -> SampleResult | None:
+        """Tokens for the sampling rows' final hidden states (S, H). Argmax-only rows take the LM
+        head's per-row maximum (`GemmaForCausalLM.best_logits`: on CPU their (S, vocab) logits are
+        never built); the others get logits and the sampler (on rank 0: sample=True). At tp > 1
+        every rank returns the tokens (each appends them to its persistent batch), only rank 0's
+        with logprobs; at tp = 1 with sample False, None unless every row is an argmax row."""
+        fast = argmax_rows(rows) if self.argmax_head else []
+        if len(fast) == len(rows):  # every rank learns the winners from the same exchange
+            return SampleResult(self._argmax_tokens(hidden), [None] * len(rows))
+        chosen = result = None
+        if not fast:
+            chosen = result = self._sample_logits(hidden, rows, sample)
+        else:
+            rest = sorted(set(range(len(rows))) - set(fast))
+            tokens = self._argmax_tokens(hidden[torch.tensor(fast, device=hidden.device)])
+            chosen = self._sample_logits(hidden[torch.tensor(rest, device=hidden.device)], [rows[j] for j in rest],
+                                         sample)
+            if chosen is not None:
+                result = merge_results(len(rows), fast, tokens, rest, chosen)
+        if self.model.parallel.communicates:  # rank 0 sampled; every rank appends the tokens
+            result = self._share_tokens(result, len(rows))
+        return result
+
+    def _sample_logits(self, hidden: torch.Tensor, rows: Sequence[SamplingRow], sample: bool) -> SampleResult | None:
+        """Logits for the rows' hidden states (S, H), then the sampler (vocab-parallel at tp > 1);
+        None where sample is False."""
+        if self.model.parallel.communicates:  # vocab-parallel: candidates cross ranks, not rows
+            return self._sample_local_logits(self.model.compute_logits(hidden, gather=False), rows, sample)
+        if not sample:
+            return None
+        logits = self.model.compute_logits(hidden, out=self._logits_buffer(len(rows), hidden.dtype))  # (S, V)
+        return sample_rows(self.sampler, logits, rows, self.vocab_limit)
+
+    def _argmax_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """The argmax token of each row's logits over the tokenizer's ids, from hidden states (S, H).
+        At tp > 1 each rank finds its slice's best (value, id) and one (S, 2) message per rank gives
+        every rank the winner: the largest value, the lowest id on ties, as the whole row's argmax."""
+        embed = self.model.embed
+        values, ids = self.model.best_logits(hidden, min(self.vocab_limit or embed.vocab_size, embed.vocab_size))
+        if not self.model.parallel.communicates:
+            return ids.tolist()
+        packed = torch.stack([values, ids.to(values.dtype)], dim=1)  # (S, 2); ids exact in fp32 below 2**24
+        gathered = self._gather_last_dim(packed).view(len(ids), -1, 2)  # (S, tp, 2), ranks in id order
+        best_rank = gathered[:, :, 0].argmax(dim=1)  # the first rank holding the maximum: the lowest id
+        return gathered[torch.arange(len(ids)), best_rank, 1].long().tolist()
 
     def _share_tokens(self, result: SampleResult | None, count: int) -> SampleResult:
         """Rank 0's sampled tokens on every rank (each appends them to its persistent batch);
@@ -186,10 +259,6 @@ class ModelRunner:
         if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:
             buffer = self._logits = torch.empty(max(rows, 64), width, dtype=dtype)
         return buffer[:rows]
-
-    def _sample_sharded(self, hidden: torch.Tensor, rows: Sequence[SamplingRow], sample: bool) -> SampleResult | None:
-        """Tensor-parallel sampling from the sampling rows' hidden states (S, H)."""
-        return self._sample_local_logits(self.model.compute_logits(hidden, gather=False), rows, sample)
 
     def _sample_local_logits(self, local: torch.Tensor, rows: Sequence[SamplingRow],
                              sample: bool) -> SampleResult | None:

@@ -75,8 +75,9 @@ class StepTimes:
     """Seconds a runner spent on one step per phase (reported to the engine with its tokens)."""
 
     prepare: float = 0.0  # applying the plan and building the step's tensors
-    forward: float = 0.0  # the model, logits included
-    sample: float = 0.0  # picking tokens (rank 0), with the vocab-parallel exchange at tp > 1
+    forward: float = 0.0  # the model up to its final hidden states (the LM head counts under sample)
+    sample: float = 0.0  # the LM head and picking tokens (rank 0), with the vocab-parallel exchange at tp > 1
+    # (a captured CUDA graph runs the LM head inside it: forward there)
 
 
 class PersistentBatch:

@@ -167,6 +167,11 @@ class GemmaForCausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def best_logits(self, hidden: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) → this rank's largest final logit per row over ids below `limit` and its id (the
+        lowest on ties), both (N,), without the (N, vocab) logits where it can (layers.lm_head_argmax)."""
+        return self.embed.argmax(hidden, limit, self.config.final_logit_softcap)
+
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos/sin per layer kind: GLOBAL uses rope_theta (+ linear scaling), LOCAL rope_theta_local."""
         c = self.config

@@ -342,6 +342,81 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
     return F.linear(x, weight)
 
 
+# Greedy rows need only each row's best logit, not the (M, V) logits: on CPU the LM head then runs
+# in vocabulary chunks into one reused scratch, each chunk reduced at once (block maxima; the
+# winning block's logits kept per row), so the product no longer writes and rereads (M, V) floats
+# (268 MB at M = 256). From 16 rows each chunk is (W_chunk @ x^T), (C, M): MKL runs that form
+# faster here and it is bitwise the plain form's product from 16 rows up (below, the plain form
+# keeps `lm_head`'s values). Hidden 64 (the overhead bench's model), M = 256, medians of steps
+# interleaved in one engine: 94 ms with (M, C) chunks against 133 ms for the whole product and its
+# argmax; the (C, M) form measured 64 against 75 ms for the chunks' products alone.
+_ARGMAX_CHUNK = 8192  # vocabulary rows per chunk: (8192, 256) fp32 is 8 MB
+_ARGMAX_BLOCK = 1024  # the blocks whose maxima each chunk is reduced to
+
+
+def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, limit: int, softcap: float | None = None,
+                   kernel: CpuKernel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x (M, K): the largest fp32 logit over vocabulary rows [0, limit) of weight (V, K),
+    final softcap applied, and its index (the first on ties, as argmax). Returns (values (M,) fp32,
+    ids (M,) int64); limit <= 0 gives (-inf, 0). Values equal `lm_head` + softcap's. On CPU with the
+    plain GEMM (no kernel, not batch-invariant, more than 4 rows) the (M, V) logits are never built."""
+    rows = x.shape[0]
+    if limit <= 0 or rows == 0:
+        return (torch.full((rows,), float("-inf"), device=x.device),
+                torch.zeros(rows, dtype=torch.long, device=x.device))
+    chunked = (x.device.type == "cpu" and x.dim() == 2 and rows > 4 and not _batch_invariant
+               and not torch.is_grad_enabled() and not (kernel is not None and kernel.applies(x)))
+    if not chunked:
+        logits = _soft_capped(lm_head(x, weight, kernel=kernel).float(), softcap)[:, :limit]
+        ids = logits.argmax(dim=-1)  # first index on ties
+        return logits.gather(1, ids[:, None]).squeeze(1), ids
+    return _chunked_argmax(x, weight, limit, softcap)
+
+
+def _soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap), as GemmaForCausalLM.compute_logits applies it (None: unchanged)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def _chunked_argmax(x: torch.Tensor, weight: torch.Tensor, limit: int,
+                    softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lm_head_argmax` on CPU, _ARGMAX_CHUNK vocabulary rows at a time (see the note above)."""
+    rows, block = x.shape[0], _ARGMAX_BLOCK
+    transposed = rows >= _TRANSPOSED_M[0]
+    best = torch.full((rows,), float("-inf"))  # (M,) best logit so far
+    best_block = torch.zeros(rows, dtype=torch.long)  # (M,) its block's index over the vocabulary
+    kept = torch.full((rows, block), float("-inf"))  # (M, block) that block's logits
+    scratch = torch.empty((_ARGMAX_CHUNK, rows) if transposed else (rows, _ARGMAX_CHUNK), dtype=x.dtype)
+    for start in range(0, limit, _ARGMAX_CHUNK):
+        width = min(_ARGMAX_CHUNK, limit - start)
+        chunk = _chunk_logits(x, weight[start:start + width], scratch, transposed, softcap)  # (width, M) fp32
+        if width % block:  # the vocabulary's tail: pad to whole blocks with -inf (never picked)
+            chunk = F.pad(chunk, (0, 0, 0, block - width % block), value=float("-inf"))
+        blocks = chunk.view(-1, block, rows)  # (nb, block, M)
+        maxima = blocks.amax(dim=1)  # (nb, M)
+        which = maxima.argmax(dim=0)  # (M,) the chunk's first block holding its maximum
+        value = maxima.gather(0, which[None]).squeeze(0)
+        better = (value > best).nonzero().squeeze(1)  # strictly: an earlier equal maximum keeps its index
+        if better.numel():
+            picked = which[better]
+            kept[better] = blocks[picked, :, better]  # (n, block)
+            best[better] = value[better]
+            best_block[better] = picked + start // block
+    return best, best_block * block + kept.argmax(dim=1)
+
+
+def _chunk_logits(x: torch.Tensor, rows_of_weight: torch.Tensor, scratch: torch.Tensor, transposed: bool,
+                  softcap: float | None) -> torch.Tensor:
+    """Logits of x (M, K) against rows_of_weight (C, K) as fp32 (C, M), softcapped: the product
+    (W @ x^T) when `transposed`, else (x @ W^T) seen transposed; into `scratch` when it fills it."""
+    fits = rows_of_weight.shape[0] == _ARGMAX_CHUNK
+    if transposed:
+        logits = torch.mm(rows_of_weight, x.t(), out=scratch) if fits else torch.mm(rows_of_weight, x.t())
+    else:
+        logits = (torch.mm(x, rows_of_weight.t(), out=scratch) if fits else torch.mm(x, rows_of_weight.t())).t()
+    return _soft_capped(logits.float(), softcap)
+
+
 # --------------------------------------------------------------------------- norm
 
 
@@ -492,6 +567,13 @@ class VocabParallelEmbedding(nn.Module):
         if self.parallel.spmd:
             return local[..., : self.vocab_size]
         return self.parallel.all_gather_last_dim(local)[..., : self.vocab_size]
+
+    def argmax(self, hidden: torch.Tensor, limit: int, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) → this rank's best logit per row over ids below `limit` (softcapped, fp32) and its
+        id (the lowest on ties), both (N,): `lm_head_argmax` over this rank's vocabulary slice."""
+        local_limit = min(self.vocab_local, limit - self.vocab_start)
+        values, ids = lm_head_argmax(hidden, self.weight, local_limit, softcap, self.cpu_kernel)
+        return values, ids + self.vocab_start
 
     def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
         """Checkpoint name → this rank's vocabulary rows; rows past the vocabulary (the last

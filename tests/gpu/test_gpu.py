@@ -147,3 +147,20 @@ def test_real_gemma3_270m_fp32_with_kernel_and_graphs_equals_transformers():
         mismatch = next((i for i, (a, b) in enumerate(zip(out.token_ids, stable)) if a != b), None)
         assert mismatch is None and len(out.token_ids) >= len(stable), \
             f"{case['kind']}: first different token at {mismatch} (stable prefix: {len(stable)} tokens)"
+
+
+def test_argmax_rows_pick_on_the_device_and_others_on_the_host():
+    """On CUDA, sample_rows takes argmax rows' tokens on the GPU (ids cross, not logits); the
+    tokens equal the host sampler's, and rows that need logits still get them."""
+    from gemma_dist.engine.model_runner import sample_rows
+    from gemma_dist.sampling import Sampler, SamplingParams, SamplingRow
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5000, device="cuda")
+    logits[2, 4500] = 50.0  # past the vocab limit: never picked
+    rows = [SamplingRow(SamplingParams(temperature=0, logprobs=2 if i == 3 else 0), [1], []) for i in range(6)]
+    got = sample_rows(Sampler(seed=0), logits, rows, vocab_limit=4096)
+    want = sample_rows(Sampler(seed=0), logits.cpu(), rows, vocab_limit=4096)
+    assert got.token_ids == want.token_ids == logits[:, :4096].argmax(-1).tolist()
+    assert got.logprobs[3] is not None and got.logprobs[3].top[0][0] == got.token_ids[3]
+    assert [lp is None for i, lp in enumerate(got.logprobs) if i != 3] == [True] * 5

@@ -39,6 +39,25 @@ def test_tp2_ray_replica_matches_the_reference(tp2_replica):
     assert deltas[-1].finish_reason is not None and deltas[-1].completion_tokens == 16
 
 
+def test_argmax_rows_and_logprob_rows_share_a_tp2_step(tp2_replica):
+    """Greedy rows without logprobs exchange one (value, id) per rank (the LM head's argmax path);
+    rows with logprobs exchange candidates and log-norms. Run together in the same steps, both kinds
+    give the reference tokens, and only the logprob rows carry logprobs."""
+    async def both():  # four requests, each its own params object (collect names requests by it)
+        return await asyncio.gather(*[collect(tp2_replica, GOLDEN[kind]["prompt"],
+                                              SamplingParams(temperature=0, max_tokens=12, logprobs=logprobs))
+                                      for kind in ("prose", "code") for logprobs in (0, 2)])
+
+    runs = asyncio.run(both())
+    for (plain, logprobs), kind in zip([runs[:2], runs[2:]], ("prose", "code")):
+        want = stable_prefix(GOLDEN[kind])[:12]
+        assert len(want) == 12
+        assert [t for d in plain for t in d.token_ids] == want == [t for d in logprobs for t in d.token_ids]
+        assert all(not d.logprobs for d in plain)
+        chosen = [lp for d in logprobs for lp in d.logprobs]
+        assert len(chosen) == 12 and all(lp.top[0][0] == lp.token_id for lp in chosen)
+
+
 def test_each_rank_holds_only_its_shard(tp2_replica, default_llm):
     total = sum(p.numel() for p in default_llm.model.parameters())
     per_rank = tp2_replica.num_parameters_per_rank()
