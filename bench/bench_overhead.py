@@ -287,8 +287,9 @@ def main() -> int:
     print_table(rows, engine)
     print("\nserved = `gemma-dist serve` (gateway, coordinator and shard-worker processes) and S gRPC streams; "
           "dispatch auto = actor calls on CPU. Phases in ms per step: schedule and postprocess on the engine "
-          "(coordinator), prepare / forward / sample on the runner (rank 0; sample includes the LM head); transport = the engine's wait beyond "
-          "the runner's own time (0 when it postprocesses meanwhile); idle = the runner waiting between the end "
+          "(coordinator), prepare / forward / sample on the runner (rank 0; sample includes the LM head); "
+          "transport = the engine's wait beyond the runner's own time (0 when it postprocesses meanwhile); "
+          "idle = the runner waiting between the end "
           "of a step and the start of the next (its own clock): what an accelerator would wait for each step.")
     for n in streams:
         one = next((r for name, s, r in rows if name == "served tp=1" and s == n), None)

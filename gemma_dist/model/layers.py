@@ -347,9 +347,11 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
 # winning block's logits kept per row), so the product no longer writes and rereads (M, V) floats
 # (268 MB at M = 256). From 16 rows each chunk is (W_chunk @ x^T), (C, M): MKL runs that form
 # faster here and it is bitwise the plain form's product from 16 rows up (below, the plain form
-# keeps `lm_head`'s values). Hidden 64 (the overhead bench's model), M = 256, medians of steps
-# interleaved in one engine: 94 ms with (M, C) chunks against 133 ms for the whole product and its
-# argmax; the (C, M) form measured 64 against 75 ms for the chunks' products alone.
+# keeps `lm_head`'s values). Hidden 64 (the overhead bench's model), medians of engine steps that
+# alternate between the two paths (2-core AVX2): M = 256, 70 ms against 122 ms for the whole product
+# and its argmax; M = 64, 21 against 30 ms. Unmeasured on other CPUs: `lm_head`'s note found plain
+# vocabulary chunks slower than one GEMM on an AVX-512 machine (there without the argmax pass saved).
+# Hidden 640 keeps its prepacked whole product (chunks measured 1.3-3x slower than it, M = 8..128).
 _ARGMAX_CHUNK = 8192  # vocabulary rows per chunk: (8192, 256) fp32 is 8 MB
 _ARGMAX_BLOCK = 1024  # the blocks whose maxima each chunk is reduced to
 
@@ -358,7 +360,8 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, limit: int, softcap: f
                    kernel: CpuKernel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of x (M, K): the largest fp32 logit over vocabulary rows [0, limit) of weight (V, K),
     final softcap applied, and its index (the first on ties, as argmax). Returns (values (M,) fp32,
-    ids (M,) int64); limit <= 0 gives (-inf, 0). Values equal `lm_head` + softcap's. On CPU with the
+    ids (M,) int64); limit <= 0 gives (-inf, 0). The values are the same fp32 products as `lm_head`'s
+    (bitwise where the BLAS computes a row alike in both forms; see the note above). On CPU with the
     plain GEMM (no kernel, not batch-invariant, more than 4 rows) the (M, V) logits are never built."""
     rows = x.shape[0]
     if limit <= 0 or rows == 0:
