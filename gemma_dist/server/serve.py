@@ -17,6 +17,7 @@ import time
 
 log = logging.getLogger("gemma_dist.serve")
 DRAIN_SECONDS = 30.0  # SIGTERM: finish in-flight requests for up to this long
+RAY_POLL_SECONDS = 0.25  # while draining, how often to look whether the Ray cluster still lives
 
 
 class _RayGone(Exception):
@@ -37,6 +38,33 @@ def serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         sys.stdout.flush()
         os._exit(0)
+
+
+async def _drain(server, http, alive: bool) -> bool:
+    """Stop the gRPC and HTTP fronts (no new requests). While the Ray cluster lives, requests in
+    flight get up to DRAIN_SECONDS to finish, and the cluster is looked at every RAY_POLL_SECONDS:
+    if it dies meanwhile (a signal to the whole process group whose Ray processes die slower than
+    the first look saw), nothing in flight can finish, and the rest end at once. Returns whether
+    the cluster still lives."""
+    if alive:
+        log.info("draining: no new requests; finishing in-flight ones for up to %.0fs", DRAIN_SECONDS)
+    else:
+        _log_ray_gone()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.ensure_future(asyncio.gather(server.stop(grace=DRAIN_SECONDS if alive else None),
+                                                    *([http.stop()] if http is not None else [])))
+    while alive and not stopping.done():
+        await asyncio.wait([stopping], timeout=RAY_POLL_SECONDS)
+        if not stopping.done() and not await loop.run_in_executor(None, ray_reachable):
+            alive = False
+            _log_ray_gone()
+            await server.stop(grace=None)  # the most restrictive grace wins: in-flight calls end now
+    await stopping
+    return alive
+
+
+def _log_ray_gone() -> None:
+    log.warning("the Ray cluster is gone (the signal reached its processes too): ending in-flight requests")
 
 
 def ray_reachable(timeout: float = 1.0) -> bool:
@@ -142,18 +170,8 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await asyncio.sleep(0.2)  # a signal to the whole group: let the local Ray processes finish dying first
-    alive = ray_reachable()
-    grace = DRAIN_SECONDS if alive else 0.0  # without Ray, nothing in flight can finish
-    if alive:
-        log.info("draining: no new requests; finishing in-flight ones for up to %.0fs", DRAIN_SECONDS)
-    else:
-        log.warning("the Ray cluster is gone (the signal reached its processes too): ending in-flight requests")
     server.metrics_task.cancel()
-    if http is not None:
-        await asyncio.gather(server.stop(grace=grace), http.stop())
-    else:
-        await server.stop(grace=grace)
-    if not alive:
+    if not await _drain(server, http, ray_reachable()):
         raise _RayGone()
     for replica in replicas:
         replica.shutdown()

@@ -99,3 +99,38 @@ def test_a_taken_http_port_fails_at_once_in_one_line():
                                  "--http-port", str(busy)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and time.time() - started < 60
     assert f"gemma-dist: error: --http-port: cannot bind 127.0.0.1:{busy}" in result.stderr
+
+
+def test_a_drain_ends_at_once_when_the_ray_cluster_dies_during_it(monkeypatch):
+    """A group signal whose Ray processes die slower than the first look: the drain began (the
+    cluster still answered), the in-flight call cannot finish; the next look sees the cluster
+    gone and ends the calls at once instead of waiting out DRAIN_SECONDS (and then Ray's 60 s)."""
+    import asyncio
+
+    from gemma_dist.server import serve
+
+    class Server:
+        """grpc.aio.Server's stop: waits out the grace for a call that never ends; None aborts."""
+
+        def __init__(self):
+            self.graces, self.aborted = [], asyncio.Event()
+
+        async def stop(self, grace):
+            self.graces.append(grace)
+            if grace is None:
+                self.aborted.set()
+                return
+            await asyncio.wait_for(self.aborted.wait(), grace)
+
+    looks = iter([True, False])  # still there at the first poll, gone at the second
+    monkeypatch.setattr(serve, "ray_reachable", lambda timeout=1.0: next(looks))
+    monkeypatch.setattr(serve, "RAY_POLL_SECONDS", 0.05)
+
+    async def drain():
+        server = Server()
+        started = time.monotonic()
+        alive = await serve._drain(server, None, alive=True)
+        return alive, server.graces, time.monotonic() - started
+
+    alive, graces, seconds = asyncio.run(drain())
+    assert alive is False and graces == [serve.DRAIN_SECONDS, None] and seconds < 5
