@@ -46,11 +46,10 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingR
     The sampler runs on the host (its generators and buffers are CPU ones): device logits
     are copied over first, except on CUDA for argmax-only rows, whose argmax is taken there
     (S ids cross to the host instead of S x vocab floats)."""
-    fast = argmax_rows(rows) if logits.device.type == "cuda" else []
+    fast, rest = argmax_rows(rows) if logits.device.type == "cuda" else ([], [])
     if fast:
         limit = logits.shape[-1] if vocab_limit is None else min(vocab_limit, logits.shape[-1])
         picked = logits[torch.tensor(fast, device=logits.device), :limit].argmax(dim=-1).tolist()
-        rest = sorted(set(range(len(rows))) - set(fast))
         chosen = None
         if rest:
             chosen = sample_rows(sampler, logits[torch.tensor(rest, device=logits.device)].float().cpu(),
@@ -63,9 +62,13 @@ def sample_rows(sampler: Sampler, logits: torch.Tensor, rows: Sequence[SamplingR
     return sampler(logits, list(rows))
 
 
-def argmax_rows(rows: Sequence[SamplingRow]) -> list[int]:
-    """Positions of the rows whose token is the plain argmax of the logits (SamplingParams.argmax_only)."""
-    return [j for j, row in enumerate(rows) if row.params.argmax_only and row.constraint is None]
+def argmax_rows(rows: Sequence[SamplingRow]) -> tuple[list[int], list[int]]:
+    """Positions of the rows whose token is the plain argmax of the logits (SamplingParams.argmax_only;
+    such a row has no constraint), and of the others."""
+    fast, rest = [], []
+    for j, row in enumerate(rows):
+        (fast if row.params.argmax_only else rest).append(j)
+    return fast, rest
 
 
 def merge_results(count: int, fast: list[int], fast_tokens: list[int], rest: list[int],
@@ -199,19 +202,16 @@ class ModelRunner:
         never built); the others get logits and the sampler (on rank 0: sample=True). At tp > 1
         every rank returns the tokens (each appends them to its persistent batch), only rank 0's
         with logprobs; at tp = 1 with sample False, None unless every row is an argmax row."""
-        fast = argmax_rows(rows) if self.argmax_head else []
+        fast, rest = argmax_rows(rows) if self.argmax_head else ([], [])
         if len(fast) == len(rows):  # every rank learns the winners from the same exchange
             return SampleResult(self._argmax_tokens(hidden), [None] * len(rows))
-        chosen = result = None
         if not fast:
-            chosen = result = self._sample_logits(hidden, rows, sample)
+            result = self._sample_logits(hidden, rows, sample)
         else:
-            rest = sorted(set(range(len(rows))) - set(fast))
             tokens = self._argmax_tokens(hidden[torch.tensor(fast, device=hidden.device)])
             chosen = self._sample_logits(hidden[torch.tensor(rest, device=hidden.device)], [rows[j] for j in rest],
                                          sample)
-            if chosen is not None:
-                result = merge_results(len(rows), fast, tokens, rest, chosen)
+            result = None if chosen is None else merge_results(len(rows), fast, tokens, rest, chosen)
         if self.model.parallel.communicates:  # rank 0 sampled; every rank appends the tokens
             result = self._share_tokens(result, len(rows))
         return result

@@ -16,6 +16,7 @@ from gemma_dist.engine.model_runner import ModelRunner, StepInput, argmax_rows, 
 from gemma_dist.model import layers
 from gemma_dist.model.layers import _soft_capped, lm_head, lm_head_argmax
 from gemma_dist.sampling import SampleResult, SamplingParams, SamplingRow, TokenLogprob
+from tests.helpers import top1_margins
 
 
 def whole_row_argmax(x: torch.Tensor, w: torch.Tensor, limit: int, softcap: float | None):
@@ -97,7 +98,7 @@ def test_argmax_rows_are_the_plain_greedy_ones():
             SamplingRow(SamplingParams(temperature=0.7), [1], []),
             SamplingRow(SamplingParams(temperature=0, regex="[ab]+"), [1], []),
             SamplingRow(SamplingParams(temperature=0, max_tokens=3), [1], [])]
-    assert argmax_rows(rows) == [0, 5]
+    assert argmax_rows(rows) == ([0, 5], [1, 2, 3, 4])
     merged = merge_results(3, [0, 2], [7, 9], [1], SampleResult([4], [TokenLogprob(4, -0.5)]))
     assert merged.token_ids == [7, 4, 9] and merged.logprobs[0] is None and merged.logprobs[1].logprob == -0.5
 
@@ -119,7 +120,7 @@ def test_the_runner_gives_argmax_rows_the_samplers_tokens_and_others_their_logit
     logits = runner.logits(steps)  # (8, vocab): the same forward, whole rows (writes the same K/V)
     result = runner.execute(steps)
     argmax = logits.argmax(dim=-1).tolist()
-    clear = _top1_margins(logits) > 1e-4
+    clear = top1_margins(logits) > 1e-4
     for i, params in enumerate(kinds):
         if params.argmax_only and clear[i]:
             assert result.token_ids[i] == argmax[i]
@@ -131,11 +132,6 @@ def test_the_runner_gives_argmax_rows_the_samplers_tokens_and_others_their_logit
             assert result.logprobs[i] is None
         assert 0 <= result.token_ids[i] < vocab
     assert int(clear[[0, 4]].sum()) >= 1  # the comparison of argmax rows means something
-
-
-def _top1_margins(logits: torch.Tensor) -> torch.Tensor:
-    top2 = logits.topk(2, dim=-1).values
-    return top2[:, 0] - top2[:, 1]
 
 
 @pytest.fixture(scope="module")
