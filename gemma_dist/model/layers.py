@@ -631,7 +631,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q: (T, Hq, D) for the T new tokens; caches: (num_pages, block_size, Hkv, D), read through
     the block tables of layer group `group`. With
     meta.kernel set, the fused Triton kernel reads the cache in place (CUDA). Otherwise each
-    group (all decode rows together, each prefill chunk alone) is one masked batched matmul
+    group (all decode rows together, prefill chunks of one shape together) is one masked batched matmul
     over keys gathered through the block tables. Returns (T, Hq * D) in flat token order.
     """
     if meta.kernel is not None:

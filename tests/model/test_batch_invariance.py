@@ -1,6 +1,6 @@
 """A sequence's logits do not depend on what shares its step (bitwise), on the real Gemma 3 270M.
 
-Decode rows are batched together and every prefill chunk runs alone (attention groups), and in
+Decode rows are batched together and so are prefill chunks of one shape (attention groups), and in
 batch-invariant mode (these tests run in it) every CPU GEMM runs in fixed tiles of 16 rows, so a
 row is computed by the same kernel call whatever else is in the batch, on any CPU. Fast mode
 (the default) pads small GEMMs to kernel-friendly sizes, which on some BLAS kernels makes rows
@@ -47,7 +47,7 @@ def runner(default_llm):
     g = torch.Generator().manual_seed(0)
     seqs = {name: (torch.randint(10, 5000, (n,), generator=g).tolist(), list(range(start, start + blocks)))
             for name, n, start, blocks in [("a", 40, 0, 8), ("b", 600, 8, 40), ("c", 90, 48, 8),
-                                           ("d", 77, 60, 6), ("e", 33, 70, 3)]}
+                                           ("d", 77, 60, 6), ("e", 33, 70, 3), ("f", 77, 80, 6)]}
     for name in "abc":  # cache everything but the last token of a, b, c
         ids, table = seqs[name]
         r.logits([StepInput(ids[:-1], 0, table, None)])
@@ -85,6 +85,14 @@ def test_prefill_unchanged_by_decodes_in_the_same_step(runner):
     alone = r.logits([_prefill(seqs, "e")])
     batched = r.logits([_decode(seqs, "c"), _prefill(seqs, "e"), _decode(seqs, "a")])
     assert torch.equal(batched[1], alone[0])
+
+
+def test_prefill_unchanged_by_a_prefill_of_its_shape_in_the_same_step(runner):
+    """d and f (77 fresh tokens each) share one attention group; each is bitwise itself alone."""
+    r, seqs = runner
+    alone = [r.logits([_prefill(seqs, name)])[0] for name in "df"]
+    together = r.logits([_prefill(seqs, "d"), _decode(seqs, "a"), _prefill(seqs, "f")])
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[2], alone[1])
 
 
 def test_fast_mode_rows_are_fp32_close_whatever_the_batch():

@@ -92,3 +92,27 @@ def test_scattered_blocks(pair):
     table = [17, 3, 30, 8, 21, 5, 12, 26]
     got = forward_chunks(ours, _cache(ours), table, ids, 7, BLOCK)
     torch.testing.assert_close(got, _reference_logits(reference, ids), atol=ATOL, rtol=0)
+
+
+def test_prefill_chunks_of_one_shape_share_an_attention_group(pair):
+    """Three 13-token prompts (one attention group), a 9-token one and a decode row in one step:
+    the step's tokens in their own order, each sequence against transformers alone."""
+    reference, ours = pair
+    a = _tokens(SEQ_LEN, seed=5)
+    prompts = [_tokens(13, seed=6), _tokens(9, seed=7), _tokens(13, seed=8), _tokens(13, seed=9)]
+    cache = _cache(ours, blocks=64)
+    tables = [list(range(0, 8))] + [list(range(8 + 4 * i, 12 + 4 * i)) for i in range(len(prompts))]
+    forward_chunks(ours, cache, tables[0], a[:-1], SEQ_LEN, BLOCK)
+    query_lens = [len(p) for p in prompts] + [1]
+    cached = [0] * len(prompts) + [len(a) - 1]
+    order = [1, 2, 3, 4, 0]  # prompts first, the decode row last: the groups' outputs are reordered
+    meta = build_attention_metadata(query_lens, cached, [tables[i] for i in order], BLOCK, ours.config.sliding_window)
+    assert len(meta.groups) == 3  # the decode row, the three 13-token prompts, the 9-token one
+    ids = torch.tensor([t for p in prompts for t in p] + [a[-1]])
+    logits = ours.compute_logits(ours(ids, positions_of(query_lens, cached), cache, meta))
+    start = 0
+    for prompt in prompts:
+        torch.testing.assert_close(logits[start:start + len(prompt)], _reference_logits(reference, prompt),
+                                   atol=ATOL, rtol=0)
+        start += len(prompt)
+    torch.testing.assert_close(logits[-1], _reference_logits(reference, a)[-1], atol=ATOL, rtol=0)
