@@ -8,7 +8,12 @@ is cut into windows of --window tokens (BOS first); every window is one forward 
 model (Gemma 3 270M). For every position the next token's negative log-likelihood gives the
 perplexity, and the argmax is compared with the fp32 model's argmax at the same position.
 
-    .venv/bin/python bench/bench_quality.py [--window 512] [--modes fp32,int8]
+    .venv/bin/python bench/bench_quality.py [--window 512] [--modes fp32,int8,w8,a8]
+
+Modes: fp32 (the exact mode: the reference), int8 (the fbgemm kernel: int8 weights per output
+row, 7-bit activations per row), and two quality-only diagnostics computed in fp32 that say where
+int8's error comes from: w8 (the int8 weights dequantized, activations exact) and a8 (the weights
+exact, activations rounded to 8 bits per row).
 """
 
 from __future__ import annotations
@@ -26,12 +31,46 @@ sys.path.insert(0, str(ROOT))
 
 from gemma_dist import LLM  # noqa: E402
 from gemma_dist.model.attention import allocate_kv_cache, build_attention_metadata, positions_of  # noqa: E402
+from gemma_dist.model import layers  # noqa: E402
 from gemma_dist.model.layers import set_cpu_kernels  # noqa: E402
 
 TEXTS = {
     "prose": [ROOT / "bench/data/public_domain_prose.txt"],
     "code": [ROOT / "gemma_dist/engine/scheduler.py", ROOT / "gemma_dist/sampling.py"],
 }
+
+
+class RoundedWeights(layers.CpuKernel):
+    """Diagnostic (w8): x @ dequantize(int8 W)^T in fp32, W rounded per output row as Int8Fbgemm does."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight)
+        scale = (weight.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+        self.rounded = torch.round(weight / scale) * scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.rounded.t()
+
+
+class RoundedActivations(layers.CpuKernel):
+    """Diagnostic (a8): round(x) @ W^T in fp32, each row of x rounded to 8 bits (127 levels a side)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        scale = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-30)
+        return (torch.round(x / scale) * scale) @ self.weight.t()
+
+
+DIAGNOSTICS = {"w8": RoundedWeights, "a8": RoundedActivations}
+
+
+def set_mode(model, mode: str) -> None:
+    """Give every parallel layer (the LM head included) the mode's kernel."""
+    if mode not in DIAGNOSTICS:
+        set_cpu_kernels(model, quantize=None if mode == "fp32" else mode)
+        return
+    for module in model.modules():
+        if isinstance(module, (layers.ColumnParallelLinear, layers.RowParallelLinear, layers.VocabParallelEmbedding)):
+            module.cpu_kernel = DIAGNOSTICS[mode](module.weight)
 
 
 def windows(tokenizer, paths: list[Path], window: int) -> list[list[int]]:
@@ -76,14 +115,15 @@ def evaluate(model, texts: dict[str, list[list[int]]], reference: dict | None) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--modes", default="fp32,int8", help="fp32 (the exact mode, the reference) and quantized modes")
+    parser.add_argument("--modes", default="fp32,int8,w8,a8",
+                        help="fp32 (the exact mode, the reference, first), int8, and the diagnostics w8 and a8")
     args = parser.parse_args()
     llm = LLM(model="default", dtype="float32")
     model = llm.model
     texts = {name: windows(llm.tokenizer, paths, args.window) for name, paths in TEXTS.items()}
     results = {}
     for mode in args.modes.split(","):
-        set_cpu_kernels(model, quantize=None if mode == "fp32" else mode)
+        set_mode(model, mode)
         results[mode] = evaluate(model, texts, results.get("fp32"))
         print(f"  {mode}: " + ", ".join(f"{n} ppl {r['ppl']:.3f}" for n, r in results[mode].items()), file=sys.stderr)
     set_cpu_kernels(model)
