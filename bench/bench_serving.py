@@ -4,8 +4,10 @@
 Starts `gemma-dist serve` (Ray replicas) as users do, fires N concurrent streaming gRPC clients,
 each with P random prompt tokens and O output tokens (greedy, ignore_eos), and reports output
 tok/s, time to first token (TTFT) and time per output token (TPOT) p50/p99. Baselines on the
-same prompts: transformers' batched generate and gemma_dist's in-process engine (LLM.generate).
-Also: tp=2 against tp=1, and the cold start from launching `gemma-dist serve` to the first token.
+same prompts: transformers' batched generate and gemma_dist's in-process engine (LLM.generate),
+the engine measured before and again after the served runs, so a machine whose speed drifts
+between the phases shows as a range instead of a skewed ratio. Also: tp=2 against tp=1, and the
+cold start from launching `gemma-dist serve` to the first token.
 
     .venv/bin/python bench/bench_serving.py [--clients 32] [--prompt-len 128] [--output-len 128] [--tp 1,2]
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_engine import prompts, transformers_throughput  # noqa: E402
 from gemma_dist import LLM, SamplingParams  # noqa: E402
 from gemma_dist.bench import percentile  # noqa: E402
+from gemma_dist.model.loading import open_checkpoint  # noqa: E402
 
 
 def free_port() -> int:
@@ -117,6 +120,24 @@ def run_clients(target: str, work: list[list[int]], output_len: int) -> dict[str
             "tpot50": percentile(tpot, 50), "tpot99": percentile(tpot, 99)}
 
 
+def engine_throughput(model: str, dtype: str, device: str, work: list[list[int]], output_len: int) -> float:
+    """Output tok/s of the in-process engine (LLM.generate) over the whole workload, on a fresh LLM
+    that is freed afterwards (its memory goes back before the next system runs)."""
+    llm = LLM(model=model, dtype=dtype, device=device)
+    # Warm-up on other prompts: the measured ones must not find their prefixes cached.
+    llm.generate(prompts(2, len(work[0]), llm.config.vocab_size, seed=1), SamplingParams(temperature=0, max_tokens=4))
+    start = time.perf_counter()
+    llm.generate(work, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+    tok_s = len(work) * output_len / (time.perf_counter() - start)
+    del llm
+    if device == "cuda":  # hand the GPU memory to the next systems
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    return tok_s
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -143,21 +164,9 @@ def main() -> int:
         print("  ray is not installed: measuring the in-process engine only", file=sys.stderr)
         serve_tps = []
 
-    llm = LLM(model=args.model, dtype=args.dtype, device=device)
-    work = prompts(args.clients, args.prompt_len, llm.config.vocab_size)
-    # Warm-up on other prompts: the measured ones must not find their prefixes cached.
-    warm = prompts(2, args.prompt_len, llm.config.vocab_size, seed=1)
-    llm.generate(warm, SamplingParams(temperature=0, max_tokens=4))
-    start = time.perf_counter()
-    llm.generate(work, SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
-    engine = len(work) * args.output_len / (time.perf_counter() - start)
-    del llm
-    if device == "cuda":  # hand the GPU memory to the next systems
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
-    print(f"  in-process engine: {engine:.1f} tok/s", file=sys.stderr)
+    work = prompts(args.clients, args.prompt_len, open_checkpoint(args.model).config.vocab_size)
+    engine_runs = [engine_throughput(args.model, args.dtype, device, work, args.output_len)]
+    print(f"  in-process engine: {engine_runs[0]:.1f} tok/s", file=sys.stderr)
     model_dir = None if args.model == "default" else args.model
     theirs = None if args.skip_transformers else transformers_throughput(
         work, args.output_len, model_dir, getattr(torch, args.dtype), device)
@@ -171,6 +180,10 @@ def main() -> int:
         finally:
             stop_server(proc)
         print(f"  served tp={tp}: {served[tp]}", file=sys.stderr)
+    if served:  # again, after: the served figures are compared with both
+        engine_runs.append(engine_throughput(args.model, args.dtype, device, work, args.output_len))
+        print(f"  in-process engine, again: {engine_runs[-1]:.1f} tok/s", file=sys.stderr)
+    engine = sum(engine_runs) / len(engine_runs)
 
     label = f"{args.clients} concurrent x ({args.prompt_len} prompt + {args.output_len} output)"
     name = "Gemma 3 270M" if args.model == "default" else ("Gemma 3 1B-sized (random weights)"
@@ -183,12 +196,16 @@ def main() -> int:
     for tp, r in served.items():
         print(f"| {'gemma_dist served, gRPC, tp=' + str(tp):<34} | {r['tok_s']:>9.1f} | {r['ttft50']:>7.2f}s | "
               f"{r['ttft99']:>7.2f}s | {r['tpot50'] * 1e3:>6.0f}ms | {r['tpot99'] * 1e3:>6.0f}ms | {r['cold']:>9.1f}s |")
-    print(f"| {'gemma_dist in-process engine':<34} | {engine:>9.1f} | {'':>8} | {'':>8} | {'':>8} | {'':>8} | {'':>10} |")
+    for when, tok_s in zip(("before", "after"), engine_runs):
+        print(f"| {'in-process engine, ' + when:<34} | {tok_s:>9.1f} | {'':>8} | {'':>8} | {'':>8} | "
+              f"{'':>8} | {'':>10} |")
     if theirs:
         print(f"| {'transformers batched generate':<34} | {theirs:>9.1f} | {'':>8} | {'':>8} | {'':>8} | {'':>8} | "
               f"{'':>10} |")
     if 1 in served:
-        print(f"\nserved tp=1 / in-process engine: {served[1]['tok_s'] / engine:.2f}"
+        ratios = sorted(served[1]["tok_s"] / tok_s for tok_s in engine_runs)
+        print(f"\nserved tp=1 / in-process engine (mean of the runs before and after): "
+              f"{served[1]['tok_s'] / engine:.2f} (against each: {ratios[0]:.2f}-{ratios[-1]:.2f})"
               + (f"; served tp=1 / transformers: {served[1]['tok_s'] / theirs:.2f}x" if theirs else ""))
     if 1 in served and 2 in served:
         print(f"served tp=2 / tp=1: {served[2]['tok_s'] / served[1]['tok_s']:.2f}")
