@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 from gemma_dist import LLM  # noqa: E402
 from gemma_dist.model.attention import allocate_kv_cache, build_attention_metadata, positions_of  # noqa: E402
 from gemma_dist.model import layers  # noqa: E402
-from gemma_dist.model.layers import set_cpu_kernels  # noqa: E402
 
 TEXTS = {
     "prose": [ROOT / "bench/data/public_domain_prose.txt"],
@@ -66,10 +65,10 @@ DIAGNOSTICS = {"w8": RoundedWeights, "a8": RoundedActivations}
 def set_mode(model, mode: str) -> None:
     """Give every parallel layer (the LM head included) the mode's kernel."""
     if mode not in DIAGNOSTICS:
-        set_cpu_kernels(model, quantize=None if mode == "fp32" else mode)
+        layers.set_cpu_kernels(model, quantize=None if mode == "fp32" else mode)
         return
     for module in model.modules():
-        if isinstance(module, (layers.ColumnParallelLinear, layers.RowParallelLinear, layers.VocabParallelEmbedding)):
+        if isinstance(module, layers.KERNEL_LAYERS):
             module.cpu_kernel = DIAGNOSTICS[mode](module.weight)
 
 
@@ -126,7 +125,7 @@ def main() -> int:
         set_mode(model, mode)
         results[mode] = evaluate(model, texts, results.get("fp32"))
         print(f"  {mode}: " + ", ".join(f"{n} ppl {r['ppl']:.3f}" for n, r in results[mode].items()), file=sys.stderr)
-    set_cpu_kernels(model)
+    layers.set_cpu_kernels(model)
     print(f"\nGemma 3 270M, teacher-forced over windows of {args.window} tokens; top-1 agreement = the mode's "
           f"argmax equals fp32's at the same position (fp32: the exact mode, prepacked oneDNN GEMMs)\n")
     print("| mode | text | tokens | perplexity | top-1 agreement with fp32 | seconds |")

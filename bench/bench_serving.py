@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_engine import prompts, transformers_throughput  # noqa: E402
+from bench.bench_engine import engine_throughput, prompts, transformers_throughput  # noqa: E402
 from gemma_dist import LLM, SamplingParams  # noqa: E402
 from gemma_dist.bench import percentile  # noqa: E402
 from gemma_dist.model.loading import open_checkpoint  # noqa: E402
@@ -120,15 +120,13 @@ def run_clients(target: str, work: list[list[int]], output_len: int) -> dict[str
             "tpot50": percentile(tpot, 50), "tpot99": percentile(tpot, 99)}
 
 
-def engine_throughput(model: str, dtype: str, device: str, work: list[list[int]], output_len: int) -> float:
-    """Output tok/s of the in-process engine (LLM.generate) over the whole workload, on a fresh LLM
-    that is freed afterwards (its memory goes back before the next system runs)."""
+def fresh_engine_throughput(model: str, dtype: str, device: str, work: list[list[int]], output_len: int) -> float:
+    """bench_engine's engine_throughput on a fresh LLM that is freed afterwards (its memory goes
+    back before the next system runs)."""
     llm = LLM(model=model, dtype=dtype, device=device)
     # Warm-up on other prompts: the measured ones must not find their prefixes cached.
     llm.generate(prompts(2, len(work[0]), llm.config.vocab_size, seed=1), SamplingParams(temperature=0, max_tokens=4))
-    start = time.perf_counter()
-    llm.generate(work, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
-    tok_s = len(work) * output_len / (time.perf_counter() - start)
+    tok_s = engine_throughput(llm, work, output_len)
     del llm
     if device == "cuda":  # hand the GPU memory to the next systems
         import gc
@@ -165,7 +163,7 @@ def main() -> int:
         serve_tps = []
 
     work = prompts(args.clients, args.prompt_len, open_checkpoint(args.model).config.vocab_size)
-    engine_runs = [engine_throughput(args.model, args.dtype, device, work, args.output_len)]
+    engine_runs = [fresh_engine_throughput(args.model, args.dtype, device, work, args.output_len)]
     print(f"  in-process engine: {engine_runs[0]:.1f} tok/s", file=sys.stderr)
     model_dir = None if args.model == "default" else args.model
     theirs = None if args.skip_transformers else transformers_throughput(
@@ -181,7 +179,7 @@ def main() -> int:
             stop_server(proc)
         print(f"  served tp={tp}: {served[tp]}", file=sys.stderr)
     if served:  # again, after: the served figures are compared with both
-        engine_runs.append(engine_throughput(args.model, args.dtype, device, work, args.output_len))
+        engine_runs.append(fresh_engine_throughput(args.model, args.dtype, device, work, args.output_len))
         print(f"  in-process engine, again: {engine_runs[-1]:.1f} tok/s", file=sys.stderr)
     engine = sum(engine_runs) / len(engine_runs)
 

@@ -244,7 +244,7 @@ def metadata_from_tables(query_lens: Sequence[int], cached_lens: Sequence[int], 
         groups.append(group)
         order.append(token_index)
     for (q_len, cached), members in _prefill_shapes(query_lens, cached_lens).items():
-        first = torch.tensor([int(starts[b]) for b in members])  # (B,) each chunk's first flat token
+        first = starts[members]  # (B,) each chunk's first flat token
         token_index = (first[:, None] + torch.arange(q_len)).flatten()  # (B * Tq,) chunk by chunk
         query_pos = torch.arange(cached, cached + q_len).expand(len(members), q_len)  # (B, Tq)
         groups.append(_group(token_index, tables[:, members], query_pos, block_size, sliding_window))

@@ -267,10 +267,11 @@ class PackedFp32(CpuKernel):
 # Gemma 3 270M measured 70-80%, see bench/bench_quality.py). Its diagnostics say per-row scales are
 # too coarse on both sides: the int8 weights alone (activations exact) agree 95.8%, 8-bit per-row
 # activations alone (weights exact) 89.4%, over 19,095 tokens; a 97% mode needs scales per block of
-# the reduction (llama.cpp's Q8_0: 32 values), which none of the kept int8 GEMMs here take. W quantized per output row to int8 (symmetric, scale = max|row| / 127);
-# each activation row scaled by its own max |x| into [-1, 1] and quantized to 7 bits (uint8 0..127,
-# zero point 64), so a row's quantization never depends on the rest of the batch, and u8 x s8 pair
-# sums stay inside int16 on AVX2 kernels without VNNI (8-bit activations can saturate there).
+# the reduction (llama.cpp's Q8_0: 32 values), which none of the kept int8 GEMMs here take.
+# W quantized per output row to int8 (symmetric, scale = max|row| / 127); each activation row
+# scaled by its own max |x| into [-1, 1] and quantized to 7 bits (uint8 0..127, zero point 64), so
+# a row's quantization never depends on the rest of the batch, and u8 x s8 pair sums stay inside
+# int16 on AVX2 kernels without VNNI (8-bit activations can saturate there).
 # fbgemm accumulates in int32: exact, so the product is batch-invariant too. fbgemm was the fastest
 # int8 candidate on the real shapes (bench/bench_int8_kernels.py).
 _INT8_LEVELS = 127  # activation levels above the zero point's 0: 7 bits
@@ -588,6 +589,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 QUANTIZATIONS = ("int8",)
+KERNEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)  # the layers a CpuKernel serves
 
 
 def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool = True) -> int:
@@ -601,7 +603,7 @@ def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool
     kind = Int8Fbgemm if quantize == "int8" else PackedFp32 if prepack else None
     count = 0
     for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+        if isinstance(module, KERNEL_LAYERS):
             kernel = module.cpu_kernel
             narrow_lm_head = (isinstance(module, VocabParallelEmbedding)
                               and module.weight.shape[1] < _LM_HEAD_KERNEL_MIN_HIDDEN)
@@ -633,8 +635,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q: (T, Hq, D) for the T new tokens; caches: (num_pages, block_size, Hkv, D), read through
     the block tables of layer group `group`. With
     meta.kernel set, the fused Triton kernel reads the cache in place (CUDA). Otherwise each
-    group (all decode rows together, prefill chunks of one shape together) is one masked batched matmul
-    over keys gathered through the block tables. Returns (T, Hq * D) in flat token order.
+    group (all decode rows together, prefill chunks of one shape together) is one masked batched
+    matmul over keys gathered through the block tables. Returns (T, Hq * D) in flat token order.
     """
     if meta.kernel is not None:
         from gemma_dist.model.paged_attention_kernel import paged_attention_kernel
