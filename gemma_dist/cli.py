@@ -15,12 +15,16 @@ DEVICES = ["auto", "cpu", "cuda", "xla"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, device_help: str) -> None:
-    """--model, --variant, --dtype and --device: which checkpoint runs, in what precision, where."""
+    """--model, --variant, --dtype, --quantize and --device: which checkpoint runs, in what precision, where."""
     parser.add_argument("--model", default="default",
                         help="'default' (Gemma 3 270M), an HF directory, a .gguf or a gemma_pytorch .ckpt")
     parser.add_argument("--variant", default=None, help="registry variant name (needed for .ckpt files)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weights and activations (default: bfloat16 on cuda/xla, float32 on cpu)")
+    parser.add_argument("--quantize", default=None, choices=["int8"],
+                        help="int8: on CPU, every linear layer and the LM head computes with int8 weights and "
+                             "int8 activations, one scale per 32 values (faster decode, not exact; default: the "
+                             "exact --dtype weights)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help=device_help)
 
 
@@ -174,6 +178,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--step-timeout must be > 0, got {args.step_timeout:g}")
     if not args.placement_timeout > 0:
         raise ValueError(f"--placement-timeout must be > 0, got {args.placement_timeout:g}")
+    if args.quantize is not None and args.device in ("cuda", "xla"):
+        raise ValueError(f"--quantize {args.quantize} is a CPU mode, not for --device {args.device}")
     if args.threads_per_worker < 0:
         raise ValueError(f"--threads-per-worker must be >= 0, got {args.threads_per_worker}")
     if args.max_num_seqs < 1:
@@ -215,7 +221,7 @@ def _generate_local(args: argparse.Namespace) -> int:
                             max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop))
     start = time.perf_counter()
     llm = LLM(model=args.model, dtype=args.dtype, variant=args.variant, kv_cache_memory=args.kv_cache_memory,
-              device=args.device)
+              device=args.device, quantize=args.quantize)
     loaded = time.perf_counter()
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]

@@ -63,7 +63,7 @@ class LLM:
                  device: str = "auto", kv_cache_memory: float = 2 * GiB, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, seed: int | None = None,
                  batch_invariant: bool | None = None, max_model_len: int | None = None, tp: int | None = None,
-                 prefix_caching: bool = True, kv_window_pool: bool = True):
+                 prefix_caching: bool = True, kv_window_pool: bool = True, quantize: str | None = None):
         # dtype None: bfloat16 on cuda/xla, float32 on cpu. device "auto": cuda when available.
         # tp: devices to shard over with device="xla" (default: all of them).
         # batch_invariant: every sequence's numerics are bitwise independent of what shares its
@@ -71,12 +71,13 @@ class LLM:
         # None leaves the current setting (off by default).
         # prefix_caching: prompts that start like an earlier one reuse its cached K/V blocks.
         # kv_window_pool: sliding-window layers (Gemma 2/3) keep only their window's K/V blocks.
+        # quantize: "int8" runs the CPU model's linear layers and LM head in int8 blocks (not exact).
         if batch_invariant is not None:
             set_batch_invariant(batch_invariant)
         config = EngineConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, seed=seed,
                               max_model_len=max_model_len, prefix_caching=prefix_caching,
-                              kv_window_pool=kv_window_pool)
+                              kv_window_pool=kv_window_pool, quantize=quantize)
         self.engine = LLMEngine.from_model(model, dtype, variant, device, config, tp=tp)
         self.config = self.engine.model_config
         self.tokenizer = self.engine.tokenizer

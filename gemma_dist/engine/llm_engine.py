@@ -34,6 +34,7 @@ from gemma_dist.engine.persistent_batch import PlanRunner
 from gemma_dist.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gemma_dist.engine.sequence import FinishReason, Sequence, find_stop_string, finish_on_token
 from gemma_dist.engine.step_plan import NewRequest, SlotAllocator, StepPlan
+from gemma_dist.model.layers import QUANTIZATIONS
 from gemma_dist.sampling import Sampler, SampleResult, SamplingParams, TokenLogprob
 from gemma_dist.structured import grammar_tokenizer
 from gemma_dist.tokenizer import IncrementalDetokenizer
@@ -55,6 +56,7 @@ class EngineConfig:
     prepack_weights: bool = True  # fp32 CPU weights also kept prepacked for oneDNN (faster; ~2x weight memory)
     prefix_caching: bool = True  # reuse the K/V of full blocks of prompts seen before (block_manager)
     kv_window_pool: bool = True  # sliding-window layers keep only their window's KV blocks (config.KVLayout)
+    quantize: str | None = None  # "int8": CPU weights and activations in int8 blocks (layers.Int8Blocks); None: exact
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -64,6 +66,8 @@ class EngineConfig:
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 (bytes, or a fraction <= 1), got {self.kv_cache_memory}")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates the limits
+        if self.quantize not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {self.quantize!r}")
 
 
 def resolve_device(device: str) -> str:
@@ -247,7 +251,7 @@ class LLMEngine:
         runner = ModelRunner(model, num_blocks, config.block_size, Sampler(config.seed),
                              vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size),
                              max_model_len=config.max_model_len, prepack=config.prepack_weights,
-                             window_pool=config.kv_window_pool)
+                             window_pool=config.kv_window_pool, quantize=config.quantize)
         self._setup(model.config, tokenizer, config, runner, num_blocks)
         self.model = model
 
@@ -301,6 +305,8 @@ class LLMEngine:
 
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
+        if config.quantize is not None and device != "cpu":
+            raise ValueError(f"quantize={config.quantize!r} is a CPU mode, not for device {device!r}")
         checkpoint = open_checkpoint(model, variant)
         try:
             tokenizer = checkpoint.load_tokenizer()

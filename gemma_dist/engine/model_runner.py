@@ -89,7 +89,7 @@ class ModelRunner:
     def __init__(self, model: GemmaForCausalLM, num_blocks: int, block_size: int,
                  sampler: Sampler | None = None, vocab_limit: int | None = None, attention: str = "auto",
                  decode_graphs: bool | None = None, max_model_len: int | None = None, prepack: bool = True,
-                 window_pool: bool = True, argmax_head: bool = True):
+                 window_pool: bool = True, argmax_head: bool = True, quantize: str | None = None):
         """attention: "gather" (batched matmuls over gathered keys; CPU default), "kernel" (the
         fused Triton kernel reading the paged cache; CUDA default) or "auto". decode_graphs:
         replay CUDA graphs for decode-only steps (default: on CUDA with the kernel); on CPU it
@@ -100,7 +100,8 @@ class ModelRunner:
         (a model with LOCAL layers) that memory is num_blocks x G pages of one layer group each
         (gemma_dist.config.KVLayout), so LOCAL layers can give back what their window left.
         argmax_head: argmax-only rows take the LM head's per-row maximum instead of whole logits
-        (`_sample_hidden`; off only to measure against)."""
+        (`_sample_hidden`; off only to measure against). quantize: "int8" runs every parallel layer
+        (the LM head included) in int8 blocks on CPU (layers.Int8Blocks; not exact); CPU only."""
         self.model = model
         self.vocab_limit = vocab_limit  # ids at or above it are never sampled (no tokenizer piece)
         self.argmax_head = argmax_head  # argmax-only rows skip their whole logits (see _sample_hidden)
@@ -126,7 +127,9 @@ class ModelRunner:
                                           model.num_kv_heads_per_rank, c.head_dim, dtype, self.device,
                                           self.kv_layout)
         self.sampler = sampler or Sampler()
-        self.kernel_layers = set_cpu_kernels(model, prepack=prepack)  # layers with a CPU kernel
+        if quantize is not None and self.device.type != "cpu":
+            raise ValueError(f"quantize={quantize!r} is a CPU mode; this model is on {self.device.type}")
+        self.kernel_layers = set_cpu_kernels(model, quantize, prepack)  # layers with a CPU kernel
         self._logits: torch.Tensor | None = None  # the LM head's reused output buffer (CPU; _logits_buffer)
         self.decode_graphs = None
         if decode_graphs:

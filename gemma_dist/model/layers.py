@@ -263,43 +263,99 @@ class PackedFp32(CpuKernel):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
 
 
-# int8 (not exact; not yet a user-facing mode: its teacher-forced top-1 agreement with fp32 on
-# Gemma 3 270M measured 70-80%, see bench/bench_quality.py). Its diagnostics say per-row scales are
-# too coarse on both sides: the int8 weights alone (activations exact) agree 95.8%, 8-bit per-row
-# activations alone (weights exact) 89.4%, over 19,095 tokens; a 97% mode needs scales per block of
-# the reduction (llama.cpp's Q8_0: 32 values), which none of the kept int8 GEMMs here take.
-# W quantized per output row to int8 (symmetric, scale = max|row| / 127); each activation row
-# scaled by its own max |x| into [-1, 1] and quantized to 7 bits (uint8 0..127, zero point 64), so
-# a row's quantization never depends on the rest of the batch, and u8 x s8 pair sums stay inside
-# int16 on AVX2 kernels without VNNI (8-bit activations can saturate there).
-# fbgemm accumulates in int32: exact, so the product is batch-invariant too. fbgemm was the fastest
-# int8 candidate on the real shapes (bench/bench_int8_kernels.py).
-_INT8_LEVELS = 127  # activation levels above the zero point's 0: 7 bits
-_INT8_ACT_SCALE = 2.0 / _INT8_LEVELS
-_INT8_ACT_ZERO = 64
+# int8 (`quantize="int8"`; not exact): weights and activations both int8 with one fp32 scale per
+# _Q8_BLOCK values of the reduction. Teacher-forced top-1 agreement with fp32 on Gemma 3 270M
+# (bench/bench_quality.py, 19,095 tokens): per-row scales reached 78.9% (fbgemm; int8 weights
+# alone 95.8%, 8-bit activations alone 89.4%), blocks of 32 on both sides 96.7%, blocks of 16
+# 97.4%. No kept int8 GEMM takes block scales, hence the native kernel. On AVX2 without VNNI an
+# int8 pair product costs more instructions than an fp32 FMA does, so the mode pays off where the
+# weights' bytes bound the step (single-stream decode: the LM head at M = 1 reads 210 MB instead
+# of 671 MB, 7.9 against 34 ms) and costs time at batch (bench/bench_int8.py has the numbers).
+_Q8_BLOCK = 16  # values per int8 scale block along the reduction, on both operands
+_Q8_MIN_SPLIT_MACS = 1 << 23  # smaller products run on the calling thread alone (a hand-off costs more than it saves)
 
 
-class Int8Fbgemm(CpuKernel):
-    """x @ W^T with int8 weights and per-row-quantized activations, int32 accumulation (fbgemm)."""
+class Int8Blocks(CpuKernel):
+    """x @ W^T with int8 weights and int8 activations, each with one fp32 scale per _Q8_BLOCK
+    values of the reduction (llama.cpp's Q8_0 with half the block), the block sums exact in
+    int32: the native q8_gemm kernel (gemma_dist/model/native/q8_gemm.c), its output rows split
+    over torch's thread count. Each output is one fixed sequence of operations: batch-invariant.
+    The reduction is zero-padded to a multiple of 32."""
 
-    def __init__(self, weight: torch.Tensor, packed):
+    def __init__(self, weight: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, library):
         super().__init__(weight)
-        self.packed = packed  # fbgemm's LinearPackedParams of the quantized W
+        self.qweight, self.scales = qweight, scales  # (N, Kp) int8, (N, Kp / _Q8_BLOCK) fp32
+        self.lib = library
 
     @classmethod
-    def of(cls, weight: torch.Tensor) -> "Int8Fbgemm":
-        """Quantize W (N, K) per output row."""
-        w = weight.detach().float().cpu()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-        qweight = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-        return cls(weight, torch.ops.quantized.linear_prepack(qweight, None))
+    def of(cls, weight: torch.Tensor) -> "Int8Blocks":
+        """Quantize W (N, K) block by block (raises native.NativeUnavailable without the kernel)."""
+        lib = _q8_library()
+        w = _pad_to_blocks(weight.detach().float().cpu())
+        qweight, scales = _q8_quantize(lib, w)
+        return cls(weight, qweight, scales, lib)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        row_max = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (M, 1)
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            (x32 / row_max).contiguous(), _INT8_ACT_SCALE, _INT8_ACT_ZERO, self.packed)
-        return (y * row_max).to(x.dtype)
+        xq, xd = _q8_quantize(self.lib, _pad_to_blocks(x.float()))
+        rows, width, n = xq.shape[0], xq.shape[1], self.qweight.shape[0]
+        y = torch.empty(rows, n, dtype=torch.float32)
+        panel = max(4, (256 << 10) // width // 4 * 4)  # weight rows per panel: ~256 KB stays in cache
+
+        def columns(begin: int, end: int) -> None:
+            self.lib.q8_gemm(xq.data_ptr(), xd.data_ptr(), rows, width, self.qweight.data_ptr(),
+                             self.scales.data_ptr(), begin, end, panel, y.data_ptr(), n)
+
+        threads = torch.get_num_threads() if rows * n * width >= _Q8_MIN_SPLIT_MACS else 1
+        bounds = [min(n, (n * i // threads + 3) // 4 * 4) for i in range(threads + 1)]  # whole 4-row tiles
+        jobs = [_thread_pool(threads - 1).submit(columns, a, b) for a, b in zip(bounds[1:-1], bounds[2:])] \
+            if threads > 1 else []
+        columns(bounds[0], bounds[1])  # this thread takes the first range; ctypes releases the GIL
+        for job in jobs:
+            job.result()
+        return y.to(x.dtype)
+
+
+def _q8_library():
+    """The native q8 kernel with its argument types declared."""
+    import ctypes
+
+    from gemma_dist.model import native
+
+    lib = native.load("q8_gemm", (("QB", str(_Q8_BLOCK)),))
+    if not getattr(lib, "_typed", False):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.q8_quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+        lib.q8_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64]
+        lib.q8_quantize.restype = lib.q8_gemm.restype = None
+        lib._typed = True
+    return lib
+
+
+def _pad_to_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) contiguous, zero-padded on the right to whole 32-value chunks (the kernel's step;
+    whole blocks too)."""
+    pad = -x.shape[1] % 32
+    return (F.pad(x, (0, pad)) if pad else x).contiguous()
+
+
+def _q8_quantize(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (M, K) fp32, K a multiple of _Q8_BLOCK → (int8 (M, K), fp32 scales (M, K / _Q8_BLOCK))."""
+    rows, width = x.shape
+    q = torch.empty(rows, width, dtype=torch.int8)
+    d = torch.empty(rows, width // _Q8_BLOCK, dtype=torch.float32)
+    lib.q8_quantize(x.data_ptr(), rows, width, width, q.data_ptr(), d.data_ptr())
+    return q, d
+
+
+_q8_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of `workers` threads for the int8 kernel's column ranges (rebuilt when the count changes)."""
+    global _q8_pool
+    if _q8_pool is None or _q8_pool._max_workers != workers:
+        _q8_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gemma-q8")
+    return _q8_pool
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, kernel: CpuKernel | None = None) -> torch.Tensor:
@@ -594,18 +650,18 @@ KERNEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool = True) -> int:
     """Give every parallel layer of a CPU model its CpuKernel, after loading: `quantize` "int8"
-    → Int8Fbgemm (measurement only, see above), else with `prepack` fp32 weights → PackedFp32,
-    else none; an LM head narrower than _LM_HEAD_KERNEL_MIN_HIDDEN gets none. A kernel whose weight
+    → Int8Blocks (every layer, the LM head included), else with `prepack` fp32 weights →
+    PackedFp32 except on an LM head narrower than _LM_HEAD_KERNEL_MIN_HIDDEN, else none. A kernel whose weight
     changed since stops applying; another call rebuilds it and keeps current ones. Each
     tensor-parallel rank converts its own slice. Returns the layers given one."""
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
-    kind = Int8Fbgemm if quantize == "int8" else PackedFp32 if prepack else None
+    kind = Int8Blocks if quantize == "int8" else PackedFp32 if prepack else None
     count = 0
     for module in model.modules():
         if isinstance(module, KERNEL_LAYERS):
             kernel = module.cpu_kernel
-            narrow_lm_head = (isinstance(module, VocabParallelEmbedding)
+            narrow_lm_head = (kind is PackedFp32 and isinstance(module, VocabParallelEmbedding)
                               and module.weight.shape[1] < _LM_HEAD_KERNEL_MIN_HIDDEN)
             if kind is None or module.weight.device.type != "cpu" or narrow_lm_head:
                 kernel = None

@@ -65,6 +65,8 @@ class ShardWorker:
         With device "xla" this actor owns its host's chips: no torch.distributed group; the model
         is sharded over every device of the slice by SPMD and compiled for `config`'s (an
         EngineConfig) bucketed shapes before this returns."""
+        if getattr(config, "quantize", None) is not None and self.device != "cpu":
+            raise ValueError(f"quantize={config.quantize!r} is a CPU mode, not for device {self.device!r}")
         if self.device == "xla":
             return self._start_xla(kv_cache_bytes, block_size, seed, vocab_limit, config)
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
@@ -83,7 +85,8 @@ class ShardWorker:
         self.runner = ModelRunner(model, num_blocks, block_size, Sampler(seed), vocab_limit=vocab_limit,
                                   max_model_len=getattr(config, "max_model_len", None),
                                   prepack=getattr(config, "prepack_weights", True),
-                                  window_pool=getattr(config, "kv_window_pool", True))
+                                  window_pool=getattr(config, "kv_window_pool", True),
+                                  quantize=getattr(config, "quantize", None))
         self.plans = PlanRunner(self.runner, samples=self.rank == 0, grammar_tokenizer=self._grammar_tokenizer)
         tune_gc_for_serving()
         return num_blocks

@@ -123,7 +123,8 @@ async def _serve(args: argparse.Namespace) -> int:
                                                config.max_position_embeddings), config.max_position_embeddings)
     engine_config = EngineConfig(kv_cache_memory=args.kv_cache_memory, max_model_len=max_model_len,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 prefix_caching=args.prefix_caching, kv_window_pool=args.kv_window_pool)
+                                 prefix_caching=args.prefix_caching, kv_window_pool=args.kv_window_pool,
+                                 quantize=args.quantize)
     # Each shard worker uses its share of this host's cores (Ray would pin it to one thread).
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // (args.tp * args.replicas))
     step_timeout = args.step_timeout or default_step_timeout(config, engine_config, device, args.tp)

@@ -531,6 +531,7 @@ def test_dry_run_shows_the_step_limits_and_dispatch(capsys):
                         "--placement-strategy", "spread"], capsys)[1]
     assert (settings["min_replicas"], settings["max_replicas"], settings["scale_up_queue"]) == (1, 3, 4.0)
     assert settings["placement_strategy"] == "spread"
+    assert defaults["quantize"] is None and dry_run(["--quantize", "int8"], capsys)[1]["quantize"] == "int8"
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -549,6 +550,7 @@ def test_dry_run_shows_the_step_limits_and_dispatch(capsys):
     (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas"),
     (["--min-replicas", "1", "--max-replicas", "2", "--scale-window", "-1"], "--scale-"),
     (["--max-num-seqs", "128", "--max-num-batched-tokens", "64"], "--max-num-batched-tokens"),
+    (["--quantize", "int8", "--device", "cuda"], "--quantize"),
 ])
 def test_dry_run_rejects_bad_values_naming_the_flag(argv, flag, capsys):
     code, settings, err = dry_run(argv, capsys)
@@ -560,6 +562,9 @@ def test_dry_run_rejects_an_unknown_device(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--device", "tpu", "--dry-run"])
     assert exit_info.value.code == 2 and "--device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--quantize", "int4", "--dry-run"])
+    assert exit_info.value.code == 2 and "--quantize" in capsys.readouterr().err
 
 
 def test_dry_run_starts_no_ray():

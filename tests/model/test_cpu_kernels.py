@@ -1,17 +1,15 @@
 """CPU kernels of the parallel layers (layers.CpuKernel): the prepacked fp32 path that the
 runner uses by default must compute the same product as MKL's within fp32 rounding, step aside
-in batch-invariant mode and for a changed weight, and the int8 kernel keeps each row's result
-independent of its batch."""
+in batch-invariant mode and for a changed weight (the int8 kernel: tests/model/test_int8_blocks.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
 from gemma_dist.model import layers
-from gemma_dist.model.layers import (Int8Fbgemm, PackedFp32, ParallelContext, VocabParallelEmbedding, linear,
+from gemma_dist.model.layers import (PackedFp32, ParallelContext, VocabParallelEmbedding, linear,
                                      lm_head, set_cpu_kernels)
 
 pytestmark = pytest.mark.skipif(PackedFp32.of(torch.zeros(8, 8)) is None, reason="no oneDNN reorder in this build")
@@ -68,19 +66,6 @@ def test_the_engine_prepacks_every_parallel_layer_on_cpu_fp32_and_reuses_current
     unpacked = LLMEngine(model, default_llm.tokenizer, EngineConfig(kv_cache_memory=64 << 20, prepack_weights=False))
     assert unpacked.runner.kernel_layers == 0 and model.embed.cpu_kernel is None
     assert set_cpu_kernels(model) == expected  # as the session's other tests expect it
-
-
-def test_int8_rows_do_not_depend_on_their_batch_and_stay_close_on_smooth_data():
-    torch.manual_seed(1)
-    w, x = torch.randn(256, 128) * 0.05, torch.randn(9, 128)
-    kernel = Int8Fbgemm.of(w)
-    with torch.inference_mode():
-        batch = kernel(x)
-        alone = torch.cat([kernel(x[i: i + 1]) for i in range(len(x))])
-        scaled = kernel(torch.cat([x, 1000 * x]))[: len(x)]  # a row with huge values beside them
-    assert torch.equal(batch, alone) and torch.equal(batch, scaled)
-    error = (batch - F.linear(x, w)).norm() / F.linear(x, w).norm()
-    assert error < 0.05  # 7-bit activations and 8-bit weights on Gaussian data: ~1-2%
 
 
 def test_unknown_quantization_is_refused():

@@ -197,3 +197,28 @@ def test_the_default_step_watchdog_follows_the_model_the_batch_and_the_device():
     assert default_step_timeout(small, EngineConfig(max_model_len=4096), "cpu", 1) < cpu
     assert default_step_timeout(small, base, "cuda", 1) == STEP_TIMEOUT_FLOOR_S  # fast device: the floor
     assert default_step_timeout(large, base, "cuda", 1) > default_step_timeout(large, base, "cuda", 8)
+
+
+def test_an_int8_tp2_replica_serves_the_in_process_int8_engines_tokens(ray_cluster, default_llm):
+    """--quantize int8 through Ray: each shard worker quantizes its own slice. Greedy tokens equal
+    the in-process int8 engine's up to its first step with a top-1 margin under 2 (tp=2 sums the
+    row-parallel halves in another order; tests/model/test_tensor_parallel.py measures by how much)."""
+    from gemma_dist.model.layers import set_cpu_kernels
+
+    case = GOLDEN["digits"]
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=2)
+    try:
+        set_cpu_kernels(default_llm.model, quantize="int8")
+        local = default_llm.generate([case["prompt"]], params)[0]
+    finally:
+        set_cpu_kernels(default_llm.model)  # the session's other tests expect the exact prepacked model
+    margins = [lp.top[0][1] - lp.top[1][1] for lp in local.logprobs]
+    stable = next((i for i, m in enumerate(margins) if m < 2.0), len(margins))
+    assert stable >= 8, margins
+    replica = RayReplica("default", "float32", None, tp=2, name="int8",
+                         config=EngineConfig(kv_cache_memory=64 << 20, quantize="int8"))
+    try:
+        deltas = asyncio.run(collect(replica, case["prompt"], SamplingParams(temperature=0, max_tokens=stable)))
+    finally:
+        replica.shutdown()
+    assert [t for d in deltas for t in d.token_ids] == local.token_ids[:stable]

@@ -1,0 +1,133 @@
+"""The int8 mode (layers.Int8Blocks over the native q8_gemm kernel).
+
+Weights and activations are int8 with one fp32 scale per block of _Q8_BLOCK values along the
+reduction; the block sums are exact integers. The kernel must compute exactly that arithmetic
+(checked against a float64 reference of the same quantized operands), give each row the same bits
+whatever shares its call or however many threads run, and the int8 model must follow the exact
+model wherever the reference's choice is clear.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma_dist.model import layers
+from gemma_dist.model.layers import Int8Blocks, VocabParallelEmbedding, set_cpu_kernels
+from gemma_dist.model.native import NativeUnavailable, cpu_has_avx2
+
+pytestmark = pytest.mark.skipif(not cpu_has_avx2(), reason="the int8 kernel needs an x86-64 CPU with AVX2 + FMA")
+BLOCK = layers._Q8_BLOCK
+
+
+def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and block: scale = max|x| / 127, codes = x * (127 / max|x|) rounded to nearest, ties to even."""
+    rows, width = x.shape
+    blocks = x.reshape(rows, width // BLOCK, BLOCK)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inv)  # ties to even
+    return codes.clamp(-127, 127).to(torch.int8).reshape(rows, width), (amax / 127.0).squeeze(2)
+
+
+def reference_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum over blocks of x_scale * w_scale * (int dot of the codes), in float64."""
+    xq, xd = reference_quantize(layers._pad_to_blocks(x))
+    wq, wd = reference_quantize(layers._pad_to_blocks(w))
+    rows, width = xq.shape
+    xb = xq.double().reshape(rows, -1, BLOCK)
+    wb = wq.double().reshape(w.shape[0], -1, BLOCK)
+    dots = torch.einsum("mbi,nbi->mnb", xb, wb)  # exact: integers far below 2**53
+    return (dots * xd.double()[:, None, :] * wd.double()[None, :, :]).sum(dim=2)
+
+
+def test_activations_quantize_to_the_reference_codes_and_scales():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6 * BLOCK)
+    x[1, :BLOCK] = 0.0  # a zero block: scale 0, codes 0
+    x[2, BLOCK: 2 * BLOCK] = torch.arange(BLOCK) - (BLOCK - 1) / 2  # exact halves: ties to even (scale 1)
+    x[2, BLOCK] = 127.0
+    q, d = layers._q8_quantize(layers._q8_library(), x.contiguous())
+    want_q, want_d = reference_quantize(x)
+    assert torch.equal(q, want_q) and torch.equal(d, want_d.float())
+    assert d[1, 0] == 0 and not q[1, :BLOCK].any()
+
+
+@pytest.mark.parametrize("rows,out,width", [(1, 64, 128), (7, 37, 96), (33, 130, 40)])  # 40: padded to blocks
+def test_the_product_is_the_block_quantized_arithmetic(rows, out, width):
+    torch.manual_seed(rows)
+    w, x = torch.randn(out, width) * 0.05, torch.randn(rows, width)
+    x[:, 3] *= 40  # an outlier channel: only its own blocks lose resolution
+    with torch.inference_mode():
+        got = Int8Blocks.of(w)(x)
+    want = reference_product(x, w)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)  # fp32 sums of exact block dots
+
+
+def test_rows_do_not_depend_on_their_batch_or_the_thread_count():
+    torch.manual_seed(3)
+    w, x = torch.randn(1030, 256) * 0.05, torch.randn(37, 256)
+    kernel = Int8Blocks.of(w)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        batch = kernel(x)
+        alone = torch.cat([kernel(x[i: i + 1]) for i in range(len(x))])
+        beside_huge = kernel(torch.cat([x, 1000 * x]))[: len(x)]
+        torch.set_num_threads(1)
+        try:
+            one_thread = kernel(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(batch, alone) and torch.equal(batch, beside_huge) and torch.equal(batch, one_thread)
+
+
+def test_int8_mode_covers_every_parallel_layer_including_a_narrow_lm_head():
+    embed = VocabParallelEmbedding(1000, 64, layers.ParallelContext())
+    assert set_cpu_kernels(embed, quantize="int8") == 1 and isinstance(embed.cpu_kernel, Int8Blocks)
+    assert set_cpu_kernels(embed) == 0 and embed.cpu_kernel is None  # back to fp32 (narrow: no packed kernel)
+
+
+def test_a_missing_compiler_fails_loudly(monkeypatch, tmp_path):
+    from gemma_dist.model import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GEMMA_DIST_CACHE", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        with pytest.raises(NativeUnavailable, match="no C compiler"):
+            native.load("q8_gemm", (("QB", str(BLOCK)),))
+    finally:
+        native.load.cache_clear()
+
+
+def test_quantize_is_refused_off_cpu():
+    from gemma_dist.engine.llm_engine import EngineConfig, LLMEngine
+
+    with pytest.raises(ValueError, match="quantize"):
+        EngineConfig(quantize="int4")
+    with pytest.raises(ValueError, match="CPU mode"):
+        LLMEngine.from_model("default", config=EngineConfig(quantize="int8"), device="xla")
+
+
+@pytest.mark.slow
+def test_int8_follows_the_exact_model_wherever_its_choice_is_clear(default_llm):
+    """The real Gemma 3 270M teacher-forced over 256 tokens of prose, exact and int8: int8 moves
+    logits by up to a few units, so it may pick the runner-up where the exact model's top-1 margin
+    is small (measured: every disagreement below 0.76), never where that margin exceeds 2."""
+    from pathlib import Path
+
+    from tests.helpers import teacher_forced_logits, top1_margins
+
+    model, tokenizer = default_llm.model, default_llm.tokenizer
+    text = (Path(__file__).parent.parent.parent / "bench/data/public_domain_prose.txt").read_text()
+    ids = tokenizer.encode(text, add_bos=False)[:255]
+    exact = teacher_forced_logits(model, [tokenizer.bos_id], ids)
+    try:
+        assert set_cpu_kernels(model, quantize="int8") == 4 * model.config.num_layers + 1
+        int8 = teacher_forced_logits(model, [tokenizer.bos_id], ids)
+    finally:
+        set_cpu_kernels(model)  # the session's other tests expect the exact prepacked model
+    clear = top1_margins(exact) > 2.0
+    agree = int8.argmax(-1) == exact.argmax(-1)
+    assert int(clear.sum()) >= 100 and bool(agree[clear].all())
+    assert agree.float().mean() >= 0.9  # bench/bench_quality.py: 97% over 19,095 tokens
