@@ -12,6 +12,8 @@ torch uses (all cores):
   - fbgemm dynamic quantization (`torch.ops.quantized.linear_dynamic`: int8 x int8 with one
     activation scale per call, per-channel weight scales);
   - `torch._int_mm` (int8 x int8 -> int32, oneDNN) with per-row activation scales applied by us;
+  - layers.Int8Blocks (the int8 mode: the native kernel, int8 weights and activations with one
+    scale per 16 values on each side);
   - torchao's int8 configs when torchao is importable (skipped otherwise: not a dependency).
 
 Relative error is |y - y_fp32| / |y_fp32| (Frobenius) on Gaussian activations with a few outlier
@@ -24,10 +26,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = [("gate/up half", 2048, 640, (1, 32, 512)), ("down", 640, 2048, (1, 32)),
           ("qkv", 1024, 640, (1, 32)), ("LM head", 262_144, 640, (1, 32))]
@@ -69,6 +75,12 @@ def candidates(w: torch.Tensor) -> dict:
         return torch._int_mm(xq, qt).float() * xs * scale
 
     out["_int_mm, per-row act scale"] = int_mm
+    try:  # the int8 mode's kernel: int8 weights and activations, a scale per 16 values
+        from gemma_dist.model.layers import Int8Blocks
+
+        out["Int8Blocks (native, the int8 mode)"] = Int8Blocks.of(w)
+    except Exception as e:  # noqa: BLE001 - no compiler or no AVX2 here: say so
+        out["Int8Blocks"] = f"skipped ({type(e).__name__}: {str(e)[:60]})"
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
