@@ -10,6 +10,7 @@ between the phases shows as a range instead of a skewed ratio. Also: tp=2 agains
 cold start from launching `gemma-dist serve` to the first token.
 
     .venv/bin/python bench/bench_serving.py [--clients 32] [--prompt-len 128] [--output-len 128] [--tp 1,2]
+                                           [--quantize int8]
 """
 
 from __future__ import annotations
@@ -120,10 +121,11 @@ def run_clients(target: str, work: list[list[int]], output_len: int) -> dict[str
             "tpot50": percentile(tpot, 50), "tpot99": percentile(tpot, 99)}
 
 
-def fresh_engine_throughput(model: str, dtype: str, device: str, work: list[list[int]], output_len: int) -> float:
+def fresh_engine_throughput(model: str, dtype: str, device: str, work: list[list[int]], output_len: int,
+                            quantize: str | None = None) -> float:
     """bench_engine's engine_throughput on a fresh LLM that is freed afterwards (its memory goes
     back before the next system runs)."""
-    llm = LLM(model=model, dtype=dtype, device=device)
+    llm = LLM(model=model, dtype=dtype, device=device, quantize=quantize)
     # Warm-up on other prompts: the measured ones must not find their prefixes cached.
     llm.generate(prompts(2, len(work[0]), llm.config.vocab_size, seed=1), SamplingParams(temperature=0, max_tokens=4))
     tok_s = engine_throughput(llm, work, output_len)
@@ -150,6 +152,8 @@ def main() -> int:
                         help="build (once) and use a Gemma 3 1B-sized random-weight checkpoint in DIR")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quantize", default=None, choices=["int8"],
+                        help="the int8 mode in the in-process engine and the server alike (CPU)")
     args = parser.parse_args()
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
@@ -163,7 +167,7 @@ def main() -> int:
         serve_tps = []
 
     work = prompts(args.clients, args.prompt_len, open_checkpoint(args.model).config.vocab_size)
-    engine_runs = [fresh_engine_throughput(args.model, args.dtype, device, work, args.output_len)]
+    engine_runs = [fresh_engine_throughput(args.model, args.dtype, device, work, args.output_len, args.quantize)]
     print(f"  in-process engine: {engine_runs[0]:.1f} tok/s", file=sys.stderr)
     model_dir = None if args.model == "default" else args.model
     theirs = None if args.skip_transformers else transformers_throughput(
@@ -172,14 +176,16 @@ def main() -> int:
         print(f"  transformers: {theirs:.1f} tok/s", file=sys.stderr)
     served = {}
     for tp in serve_tps:
-        proc, target, cold = start_server(tp, args.model, args.dtype, device)
+        proc, target, cold = start_server(tp, args.model, args.dtype, device,
+                                          extra_args=("--quantize", args.quantize) if args.quantize else ())
         try:
             served[tp] = {**run_clients(target, work, args.output_len), "cold": cold}
         finally:
             stop_server(proc)
         print(f"  served tp={tp}: {served[tp]}", file=sys.stderr)
     if served:  # again, after: the served figures are compared with both
-        engine_runs.append(fresh_engine_throughput(args.model, args.dtype, device, work, args.output_len))
+        engine_runs.append(fresh_engine_throughput(args.model, args.dtype, device, work, args.output_len,
+                                                   args.quantize))
         print(f"  in-process engine, again: {engine_runs[-1]:.1f} tok/s", file=sys.stderr)
     engine = sum(engine_runs) / len(engine_runs)
 
@@ -187,7 +193,8 @@ def main() -> int:
     name = "Gemma 3 270M" if args.model == "default" else ("Gemma 3 1B-sized (random weights)"
                                                             if args.random_1b else args.model)
     hardware = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPUs"
-    print(f"\n{name}, {args.dtype}, {hardware}, torch {torch.__version__}; {label}, greedy\n")
+    mode = ", int8 mode" if args.quantize else ""
+    print(f"\n{name}, {args.dtype}{mode}, {hardware}, torch {torch.__version__}; {label}, greedy\n")
     print(f"| {'system':<34} | {'out tok/s':>9} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'TPOT p50':>8} | "
           f"{'TPOT p99':>8} | {'cold start':>10} |")
     print(f"|{'-' * 36}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 12}|")

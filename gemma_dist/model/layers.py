@@ -279,7 +279,7 @@ class Int8Blocks(CpuKernel):
     """x @ W^T with int8 weights and int8 activations, each with one fp32 scale per _Q8_BLOCK
     values of the reduction (llama.cpp's Q8_0 with half the block), the block sums exact in
     int32: the native q8_gemm kernel (gemma_dist/model/native/q8_gemm.c), its output rows split
-    over torch's thread count. Each output is one fixed sequence of operations: batch-invariant.
+    over torch's thread count (by the kernel's own threads). Each output is one fixed sequence of operations: batch-invariant.
     The reduction is zero-padded to a multiple of 32."""
 
     def __init__(self, weight: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, library):
@@ -300,33 +300,27 @@ class Int8Blocks(CpuKernel):
         rows, width, n = xq.shape[0], xq.shape[1], self.qweight.shape[0]
         y = torch.empty(rows, n, dtype=torch.float32)
         panel = max(4, (256 << 10) // width // 4 * 4)  # weight rows per panel: ~256 KB stays in cache
-
-        def columns(begin: int, end: int) -> None:
-            self.lib.q8_gemm(xq.data_ptr(), xd.data_ptr(), rows, width, self.qweight.data_ptr(),
-                             self.scales.data_ptr(), begin, end, panel, y.data_ptr(), n)
-
         threads = torch.get_num_threads() if rows * n * width >= _Q8_MIN_SPLIT_MACS else 1
-        bounds = [min(n, (n * i // threads + 3) // 4 * 4) for i in range(threads + 1)]  # whole 4-row tiles
-        jobs = [_thread_pool(threads - 1).submit(columns, a, b) for a, b in zip(bounds[1:-1], bounds[2:])] \
-            if threads > 1 else []
-        columns(bounds[0], bounds[1])  # this thread takes the first range; ctypes releases the GIL
-        for job in jobs:
-            job.result()
+        self.lib.q8_gemm_threads(xq.data_ptr(), xd.data_ptr(), rows, width, self.qweight.data_ptr(),
+                                 self.scales.data_ptr(), n, panel, y.data_ptr(), n, threads)
         return y.to(x.dtype)
 
 
 def _q8_library():
-    """The native q8 kernel with its argument types declared."""
+    """The native q8 kernel with its argument types declared. Its calls hold the GIL and split
+    their work over the kernel's own threads: with the GIL released and a Python thread pool the
+    served int8 mode (a Ray worker, whose other threads may hold the GIL when a call comes back)
+    measured 0.91x the in-process engine, with this 1.03x (bench_serving --quantize int8)."""
     import ctypes
 
     from gemma_dist.model import native
 
-    lib = native.load("q8_gemm", (("QB", str(_Q8_BLOCK)),))
+    lib = native.load("q8_gemm", (("QB", str(_Q8_BLOCK)),), hold_gil=True)
     if not getattr(lib, "_typed", False):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.q8_quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr]
-        lib.q8_gemm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64]
-        lib.q8_quantize.restype = lib.q8_gemm.restype = None
+        lib.q8_gemm_threads.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64]
+        lib.q8_quantize.restype = lib.q8_gemm_threads.restype = None
         lib._typed = True
     return lib
 
@@ -345,17 +339,6 @@ def _q8_quantize(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = torch.empty(rows, width // _Q8_BLOCK, dtype=torch.float32)
     lib.q8_quantize(x.data_ptr(), rows, width, width, q.data_ptr(), d.data_ptr())
     return q, d
-
-
-_q8_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A pool of `workers` threads for the int8 kernel's column ranges (rebuilt when the count changes)."""
-    global _q8_pool
-    if _q8_pool is None or _q8_pool._max_workers != workers:
-        _q8_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gemma-q8")
-    return _q8_pool
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, kernel: CpuKernel | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent
-FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-pthread")
 
 
 class NativeUnavailable(RuntimeError):
@@ -46,8 +46,9 @@ def _cache_dir() -> Path:
 
 
 @cache
-def load(name: str, defines: tuple[tuple[str, str], ...] = ()) -> ctypes.CDLL:
-    """The shared library of `name`.c built with -D`defines` (built once per source and flags)."""
+def load(name: str, defines: tuple[tuple[str, str], ...] = (), hold_gil: bool = False) -> ctypes.CDLL:
+    """The shared library of `name`.c built with -D`defines` (built once per source and flags);
+    with `hold_gil` its functions run holding the GIL (ctypes.PyDLL), else they release it."""
     if not cpu_has_avx2():
         raise NativeUnavailable(f"{name}: needs an x86-64 CPU with AVX2 and FMA (this is {platform.machine()})")
     compiler = os.environ.get("CC") or "cc"
@@ -66,4 +67,4 @@ def load(name: str, defines: tuple[tuple[str, str], ...] = ()) -> ctypes.CDLL:
             if result.returncode != 0:
                 raise NativeUnavailable(f"{name}: {compiler} failed: {result.stderr.strip()[-2000:]}")
             os.replace(built, target)  # atomic: another process sees the whole library or none
-    return ctypes.CDLL(str(target))
+    return ctypes.PyDLL(str(target)) if hold_gil else ctypes.CDLL(str(target))

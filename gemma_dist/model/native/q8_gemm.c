@@ -8,10 +8,11 @@
  * saturates while values stay in [-127, 127]; madd with ones widens them to int32).
  * Each y[m, n] is one fixed sequence of operations whatever M, N or the tiling: batch-invariant.
  *
- * Built by gemma_dist/model/native.py with -O3 -mavx2 -mfma -DQB=<block>; called through ctypes
- * (which releases the GIL, so the caller runs ranges of N on several threads).
+ * Built by gemma_dist/model/native/__init__.py (-O3 -mavx2 -mfma -pthread -DQB=<block>); called
+ * through ctypes.
  */
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdint.h>
 
 #ifndef QB
@@ -116,41 +117,9 @@ static void tile_2x4(const int8_t *xq, const float *xd, int64_t k, const int8_t 
         for (int r = 0; r < 4 && n + r < n_end; r++) y[c * ldy + n + r] = hsum(acc[c][r]);
 }
 
-/* y row m at columns n .. n + 3. */
-static void tile_1x4(const int8_t *xq, const float *xd, int64_t k, const int8_t *wq, const float *wd,
-                     int64_t n, int64_t n_end, float *y) {
-    const int64_t chunks = k / 32, blocks = k / QB;
-    const int8_t *w[4];
-    const float *s[4];
-    for (int r = 0; r < 4; r++) {
-        const int64_t row = n + r < n_end ? n + r : n;
-        w[r] = wq + row * k;
-        s[r] = wd + row * blocks;
-    }
-    /* The weight rows two tiles ahead, fetched while this tile computes: at M = 1 the product
-     * streams the weights once, and without it the loads wait on memory (measured 4.8 against
-     * ~15 GB/s for the fp32 product with weights out of cache). */
-    const int8_t *ahead = wq + (n + 8 < n_end ? n + 8 : n) * k;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < chunks; j++) {
-        for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(ahead + r * k + 32 * j), _MM_HINT_T0);
-        const __m256i xv = LOAD(xq + 32 * j);
-        const __m256 xs = chunk_scales(xd, j);
-#define ROW(r, acc)                                                                           \
-        {                                                                                     \
-            const __m256i wv = LOAD(w[r] + 32 * j), aw = _mm256_sign_epi8(wv, wv);            \
-            acc = _mm256_fmadd_ps(chunk_dot(aw, wv, xv), _mm256_mul_ps(xs, chunk_scales(s[r], j)), acc); \
-        }
-        ROW(0, a0) ROW(1, a1) ROW(2, a2) ROW(3, a3)
-#undef ROW
-    }
-    const __m256 acc[4] = {a0, a1, a2, a3};
-    for (int r = 0; r < 4 && n + r < n_end; r++) y[n + r] = hsum(acc[r]);
-}
-
-/* y[n] for one x row (M = 1): the weight rows one after another, a single sequential stream
- * (4 interleaved row streams measured slower with the weights out of cache). Same operations per
- * output as tile_1x4 / tile_2x4, so the results are bitwise theirs. */
+/* y[n0:n1] of one x row: the weight rows one after another, a single sequential stream (at M = 1
+ * the product streams the weights once, from memory: tiles of 4 interleaved rows measured 4.8
+ * GB/s there, this ~12). The same operations per output as tile_2x4: bitwise its results. */
 static void row_by_row(const int8_t *xq, const float *xd, int64_t k, const int8_t *wq, const float *wd,
                        int64_t n0, int64_t n1, float *y) {
     const int64_t chunks = k / 32, blocks = k / QB;
@@ -184,8 +153,50 @@ void q8_gemm(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8
         for (; row + 2 <= m; row += 2)
             for (int64_t n = p; n < p_end; n += 4)
                 tile_2x4(xq + row * k, xd + row * blocks, k, wq, wd, n, p_end, y + row * ldy, ldy);
-        for (; row < m; row++)
-            for (int64_t n = p; n < p_end; n += 4)
-                tile_1x4(xq + row * k, xd + row * blocks, k, wq, wd, n, p_end, y + row * ldy);
+        if (row < m)  /* an odd last row, over the panel still in cache */
+            row_by_row(xq + row * k, xd + row * blocks, k, wq, wd, p, p_end, y + row * ldy);
     }
+}
+
+/* q8_gemm over `threads` threads, the columns split in whole 4-row tiles: this thread takes the
+ * first range, pthreads the others (one create + join per call: ~20 us, so callers split only big
+ * products). Called with the GIL held (ctypes.PyDLL), so no other Python thread of the caller's
+ * process (a Ray worker has several) can delay the return (layers._q8_library has the numbers). */
+typedef struct {
+    const int8_t *xq;
+    const float *xd;
+    int64_t m, k;
+    const int8_t *wq;
+    const float *wd;
+    int64_t n0, n1, panel;
+    float *y;
+    int64_t ldy;
+} q8_job;
+
+static void *q8_run(void *arg) {
+    const q8_job *j = (const q8_job *)arg;
+    q8_gemm(j->xq, j->xd, j->m, j->k, j->wq, j->wd, j->n0, j->n1, j->panel, j->y, j->ldy);
+    return NULL;
+}
+
+#define MAX_THREADS 64
+
+void q8_gemm_threads(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8_t *wq, const float *wd,
+                     int64_t n, int64_t panel, float *y, int64_t ldy, int64_t threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    q8_job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t t = 0; t < threads; t++) {
+        const int64_t a = (n * t / threads + 3) / 4 * 4, b = (n * (t + 1) / threads + 3) / 4 * 4;
+        jobs[t] = (q8_job){xq, xd, m, k, wq, wd, a < n ? a : n, b < n ? b : n, panel, y, ldy};
+    }
+    for (int64_t t = 1; t < threads; t++)
+        started[t] = jobs[t].n0 < jobs[t].n1 && pthread_create(&ids[t], NULL, q8_run, &jobs[t]) == 0;
+    for (int64_t t = 1; t < threads; t++)  /* a range whose thread could not start runs here */
+        if (!started[t]) q8_run(&jobs[t]);
+    q8_run(&jobs[0]);
+    for (int64_t t = 1; t < threads; t++)
+        if (started[t]) pthread_join(ids[t], NULL);
 }
