@@ -272,15 +272,15 @@ class PackedFp32(CpuKernel):
 # weights' bytes bound the step (single-stream decode: the LM head at M = 1 reads 210 MB instead
 # of 671 MB, 7.9 against 34 ms) and costs time at batch (bench/bench_int8.py has the numbers).
 _Q8_BLOCK = 16  # values per int8 scale block along the reduction, on both operands
-_Q8_MIN_SPLIT_MACS = 1 << 23  # smaller products run on the calling thread alone (a hand-off costs more than it saves)
+_Q8_MIN_SPLIT_MACS = 1 << 23  # smaller products run on one thread (a hand-off costs more than it saves)
 
 
 class Int8Blocks(CpuKernel):
     """x @ W^T with int8 weights and int8 activations, each with one fp32 scale per _Q8_BLOCK
     values of the reduction (llama.cpp's Q8_0 with half the block), the block sums exact in
     int32: the native q8_gemm kernel (gemma_dist/model/native/q8_gemm.c), its output rows split
-    over torch's thread count (by the kernel's own threads). Each output is one fixed sequence of operations: batch-invariant.
-    The reduction is zero-padded to a multiple of 32."""
+    over torch's thread count by the kernel's own threads. Each output is one fixed sequence of
+    operations: batch-invariant. The reduction is zero-padded to a multiple of 32."""
 
     def __init__(self, weight: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, library):
         super().__init__(weight)
@@ -634,9 +634,9 @@ KERNEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool = True) -> int:
     """Give every parallel layer of a CPU model its CpuKernel, after loading: `quantize` "int8"
     → Int8Blocks (every layer, the LM head included), else with `prepack` fp32 weights →
-    PackedFp32 except on an LM head narrower than _LM_HEAD_KERNEL_MIN_HIDDEN, else none. A kernel whose weight
-    changed since stops applying; another call rebuilds it and keeps current ones. Each
-    tensor-parallel rank converts its own slice. Returns the layers given one."""
+    PackedFp32 except on an LM head narrower than _LM_HEAD_KERNEL_MIN_HIDDEN, else none. A
+    kernel whose weight changed since stops applying; another call rebuilds it and keeps current
+    ones. Each tensor-parallel rank converts its own slice. Returns the layers given one."""
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
     kind = Int8Blocks if quantize == "int8" else PackedFp32 if prepack else None
