@@ -106,11 +106,12 @@ def main() -> int:
     for key, label in labels.items():
         if key in theirs:
             print(f"| {label:<58} | {theirs[key]:>8.1f} |")
-    if theirs:
-        int8_batch, int8_single = rows[2][1], rows[3][1]
+    int8_batch, int8_single = rows[2][1], rows[3][1]
+    if f"batched_{args.requests}" in theirs:
         print(f"\nint8 {args.requests}-stream / llama.cpp {args.requests} parallel: "
-              f"{int8_batch / theirs[f'batched_{args.requests}']:.2f}x; int8 single stream / llama-bench tg: "
-              f"{int8_single / theirs['tg']:.2f}x" if "tg" in theirs else "")
+              f"{int8_batch / theirs[f'batched_{args.requests}']:.2f}x")
+    if "tg" in theirs:
+        print(f"int8 single stream / llama-bench tg{args.output_len}: {int8_single / theirs['tg']:.2f}x")
     return 0
 
 

@@ -305,8 +305,6 @@ class LLMEngine:
 
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
-        if config.quantize is not None and device != "cpu":
-            raise ValueError(f"quantize={config.quantize!r} is a CPU mode, not for device {device!r}")
         checkpoint = open_checkpoint(model, variant)
         try:
             tokenizer = checkpoint.load_tokenizer()

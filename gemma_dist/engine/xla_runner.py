@@ -129,6 +129,8 @@ class XlaModelRunner:
         config.kv_cache_memory, and compile every bucketed shape (config: an EngineConfig)."""
         from gemma_dist.model.loading import load_model
 
+        if getattr(config, "quantize", None) is not None:  # (ModelRunner refuses it on CUDA)
+            raise ValueError(f"quantize={config.quantize!r} is a CPU mode, not for device 'xla'")
         init_xla()
         tp = tp or default_tp(checkpoint.config, device_count())
         model = load_model(checkpoint, dtype, "cpu", spmd_context(tp))

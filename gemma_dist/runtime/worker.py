@@ -65,8 +65,6 @@ class ShardWorker:
         With device "xla" this actor owns its host's chips: no torch.distributed group; the model
         is sharded over every device of the slice by SPMD and compiled for `config`'s (an
         EngineConfig) bucketed shapes before this returns."""
-        if getattr(config, "quantize", None) is not None and self.device != "cpu":
-            raise ValueError(f"quantize={config.quantize!r} is a CPU mode, not for device {self.device!r}")
         if self.device == "xla":
             return self._start_xla(kv_cache_bytes, block_size, seed, vocab_limit, config)
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
