@@ -3,7 +3,8 @@
 
 Workloads (greedy, ignore_eos, output tokens over wall time including prefill, as llama.cpp's
 batched bench counts them when divided by its total time): N requests of P random prompt tokens
-+ O output tokens, and one stream of P + O. gemma_dist runs in this process (LLM.generate), with
++ O output tokens, and one stream of P + O; and that stream's decode phase alone (llama-bench's tg
+counts that). gemma_dist runs in this process (LLM.generate), with
 every linear layer and the LM head exact (fp32, prepacked oneDNN) or int8 (`quantize="int8"`:
 layers.Int8Blocks, int8 weights and activations in blocks of 16 values).
 
@@ -61,6 +62,15 @@ def llama_cpp(bin_dir: Path, gguf: str, requests: int, prompt_len: int, output_l
     return out
 
 
+def decode_throughput(llm: LLM, work: list[list[int]], output_len: int, reps: int = 2) -> float:
+    """Output tok/s of the decode phase alone (what llama-bench's tg figure counts): the time of
+    `output_len` tokens less the time of the first (prefill and first token), best of `reps`."""
+    def best_time(tokens: int) -> float:
+        return min(len(work) * tokens / engine_throughput(llm, work, tokens) for _ in range(reps))
+
+    return len(work) * (output_len - 1) / (best_time(output_len) - best_time(1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -82,6 +92,9 @@ def main() -> int:
             rate = engine_throughput(llm, batch, args.output_len)
             rows.append((f"gemma_dist {name}, {label}", rate))
             print(f"  {rows[-1][0]}: {rate:.1f} tok/s", file=sys.stderr)
+        decode = decode_throughput(llm, single, args.output_len)
+        rows.append((f"gemma_dist {name}, 1 stream, decode phase alone", decode))
+        print(f"  {rows[-1][0]}: {rows[-1][1]:.1f} tok/s", file=sys.stderr)
     set_cpu_kernels(llm.model)
     theirs = {}
     if args.llama_cpp is not None:
@@ -106,12 +119,15 @@ def main() -> int:
     for key, label in labels.items():
         if key in theirs:
             print(f"| {label:<58} | {theirs[key]:>8.1f} |")
-    int8_batch, int8_single = rows[2][1], rows[3][1]
+    int8_batch, int8_single, int8_decode = rows[3][1], rows[4][1], rows[5][1]  # rows: 3 per mode
     if f"batched_{args.requests}" in theirs:
         print(f"\nint8 {args.requests}-stream / llama.cpp {args.requests} parallel: "
               f"{int8_batch / theirs[f'batched_{args.requests}']:.2f}x")
+    if "batched_1" in theirs:
+        print(f"int8 1 x ({args.prompt_len} + {args.output_len}) / llama.cpp's: "
+              f"{int8_single / theirs['batched_1']:.2f}x")
     if "tg" in theirs:
-        print(f"int8 single stream / llama-bench tg{args.output_len}: {int8_single / theirs['tg']:.2f}x")
+        print(f"int8 single-stream decode / llama-bench tg{args.output_len}: {int8_decode / theirs['tg']:.2f}x")
     return 0
 
 

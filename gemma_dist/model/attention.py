@@ -34,6 +34,22 @@ class KeyView:
 
     block_tables: torch.Tensor  # (G, B, nb) int64 page ids per layer group, padded with page 0 (masked)
     mask: torch.Tensor  # (B, Tq, nb * block_size) bool: True where query i may attend key j
+    # Built on first use and shared by every layer of the step (a layer's own work stays its math).
+    _pages: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _hidden: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def pages(self, group: int) -> torch.Tensor:
+        """(B * nb,) layer group `group`'s page ids, sequence by sequence."""
+        pages = self._pages.get(group)
+        if pages is None:
+            pages = self._pages[group] = self.block_tables[group].flatten()
+        return pages
+
+    def hidden(self) -> torch.Tensor:
+        """(B, 1, 1, Tq, Lk) bool: True where a key is masked out (scores' layout in attention)."""
+        if self._hidden is None:
+            self._hidden = (~self.mask)[:, None, None]
+        return self._hidden
 
 
 @dataclasses.dataclass
@@ -51,6 +67,7 @@ class AttentionGroup:
     max_q: int  # Tq
     global_view: KeyView  # GLOBAL layers: whole context
     window_view: KeyView  # LOCAL layers: only blocks the sliding window reaches
+    in_order: bool = False  # the group's rows are the step's tokens 0..T-1 in order (token_index is arange(T))
 
 
 @dataclasses.dataclass
@@ -255,6 +272,8 @@ def metadata_from_tables(query_lens: Sequence[int], cached_lens: Sequence[int], 
         output_order = torch.empty_like(order_t)
         output_order[order_t] = torch.arange(len(order_t))
         output_order = output_order.to(device)
+    if len(groups) == 1 and output_order is None:  # e.g. a decode-only step: queries need no reordering
+        groups[0].in_order = True
     for group in groups:
         group.token_index = group.token_index.to(device)
         for view in {id(group.global_view): group.global_view, id(group.window_view): group.window_view}.values():

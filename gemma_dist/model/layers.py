@@ -272,7 +272,9 @@ class PackedFp32(CpuKernel):
 # weights' bytes bound the step (single-stream decode: the LM head at M = 1 reads 210 MB instead
 # of 671 MB, 7.9 against 34 ms) and costs time at batch (bench/bench_int8.py has the numbers).
 _Q8_BLOCK = 16  # values per int8 scale block along the reduction, on both operands
-_Q8_MIN_SPLIT_MACS = 1 << 23  # smaller products run on one thread (a hand-off costs more than it saves)
+# Smaller products run on one thread (OpenMP hand-off: a one-row 640 x 1024 product measured 69 us
+# on one thread, 49 on two).
+_Q8_MIN_SPLIT_MACS = 1 << 16
 
 
 class Int8Blocks(CpuKernel):
@@ -286,6 +288,9 @@ class Int8Blocks(CpuKernel):
         super().__init__(weight)
         self.qweight, self.scales = qweight, scales  # (N, Kp) int8, (N, Kp / _Q8_BLOCK) fp32
         self.lib = library
+        n, width = qweight.shape
+        self.panel = max(4, (256 << 10) // width // 4 * 4)  # weight rows per panel: ~256 KB stays in cache
+        self.split_rows = -(-_Q8_MIN_SPLIT_MACS // (n * width))  # from this many x rows, the threads split it
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> "Int8Blocks":
@@ -296,14 +301,14 @@ class Int8Blocks(CpuKernel):
         return cls(weight, qweight, scales, lib)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xq, xd = _q8_quantize(self.lib, _pad_to_blocks(x.float()))
-        rows, width, n = xq.shape[0], xq.shape[1], self.qweight.shape[0]
+        x32 = _pad_to_blocks(x if x.dtype == torch.float32 else x.float())
+        rows, n = x32.shape[0], self.qweight.shape[0]
         y = torch.empty(rows, n, dtype=torch.float32)
-        panel = max(4, (256 << 10) // width // 4 * 4)  # weight rows per panel: ~256 KB stays in cache
-        threads = torch.get_num_threads() if rows * n * width >= _Q8_MIN_SPLIT_MACS else 1
-        self.lib.q8_gemm_threads(xq.data_ptr(), xd.data_ptr(), rows, width, self.qweight.data_ptr(),
-                                 self.scales.data_ptr(), n, panel, y.data_ptr(), n, threads)
-        return y.to(x.dtype)
+        threads = torch.get_num_threads() if rows >= self.split_rows else 1
+        if self.lib.q8_linear(x32.data_ptr(), rows, x32.shape[1], self.qweight.data_ptr(), self.scales.data_ptr(),
+                              n, self.panel, y.data_ptr(), threads):
+            raise MemoryError(f"q8_linear: no scratch for a ({rows}, {x32.shape[1]}) int8 copy of x")
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _q8_library():
@@ -320,7 +325,9 @@ def _q8_library():
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.q8_quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr]
         lib.q8_gemm_threads.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64]
+        lib.q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64]
         lib.q8_quantize.restype = lib.q8_gemm_threads.restype = None
+        lib.q8_linear.restype = ctypes.c_int
         lib._typed = True
     return lib
 
@@ -466,18 +473,41 @@ def _chunk_logits(x: torch.Tensor, rows_of_weight: torch.Tensor, scratch: torch.
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: computed in fp32, scaled by (1 + w); w is stored as in HF checkpoints."""
+    """Gemma's RMSNorm: computed in fp32, scaled by (1 + w); w is stored as in HF checkpoints.
+
+    The forward runs once per norm per layer per step (109 times a token for Gemma 3 270M), and on
+    small batches its cost is op dispatch, not arithmetic: (1 + w) is kept between calls (rebuilt
+    when w changes) and fp32 input skips its no-op casts. The same fp32 operations in the same
+    order as the reference's, so the result is bitwise the plain form's."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self._scale: torch.Tensor | None = None  # (dim,) fp32 1 + w, as of _scale_key
+        self._scale_key: tuple | None = None  # w's (tensor identity, version) when _scale was built
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize over the last dim in fp32, scale by (1 + w), back to x.dtype."""
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).type_as(x)
+        x32 = x if x.dtype == torch.float32 else x.float()
+        inverse_rms = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        normed = (x32 * inverse_rms).mul_(self.scale())
+        return normed if normed.dtype == x.dtype else normed.to(x.dtype)
+
+    def scale(self) -> torch.Tensor:
+        """(1 + w) in fp32, rebuilt only when w was replaced or changed in place. On XLA the graph
+        computes it every time (a kept lazy tensor would make the first graph differ from the next,
+        a recompilation); under CUDA graph capture it is not kept (capture records, it does not compute)."""
+        weight = self.weight
+        if weight.device.type not in ("cpu", "cuda"):
+            return 1.0 + weight.float()
+        key = (id(weight), weight.device, weight._version)
+        if self._scale_key != key:
+            scale = 1.0 + weight.detach().float()
+            if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+                return scale
+            self._scale, self._scale_key = scale, key
+        return self._scale
 
 
 # --------------------------------------------------------------------------- RoPE
@@ -485,7 +515,9 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, head_dim) for the given positions, computed in fp32.
+    """RoPE tables for the given positions, computed in fp32, each (T, 1, head_dim) in `dtype`:
+    cos, and sin with its first half negated (`apply_rope` multiplies it by x's halves swapped,
+    which with the sign folded in is rotate_half(x) * sin, exactly: negation rounds nothing).
 
     Linear scaling divides the frequencies by `scaling` (Gemma 3 4b+ global layers).
     The half-split layout (rotate_half) matches HF, gemma_pytorch and llama.cpp's NEOX mode.
@@ -494,14 +526,16 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: 
     inv_freq = 1.0 / (theta ** exponents) / scaling  # (D/2,)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[:, : head_dim // 2].neg_()
+    return emb.cos().to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (T, heads, D) by the tables (T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (T, heads, D) by `rope_cos_sin`'s tables (T, 1, D): x * cos + rotate_half(x) * sin,
+    rotate_half(x) = (-x2, x1), computed as x * cos + (x2, x1) * (-sin1, sin2), the same products."""
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return (x * cos).add_(swapped.mul_(signed_sin))
 
 
 # --------------------------------------------------------------------------- parallel linear layers
@@ -696,19 +730,21 @@ def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     per_kv = heads // num_kv_heads
     batch, max_q = group.batch, group.max_q
     # index_select on the flattened table is ~10x faster than advanced indexing on CPU.
-    blocks = view.block_tables[layer_group].flatten()
+    blocks = view.pages(layer_group)  # (B * nb,)
     keys = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim)  # (B, Lk, Hkv, D)
     values = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim)
-    qg = q.index_select(0, group.token_index).view(batch, max_q, num_kv_heads, per_kv, head_dim)
+    rows = q if group.in_order else q.index_select(0, group.token_index)
+    qg = rows.view(batch, max_q, num_kv_heads, per_kv, head_dim)
     # (B, Hkv, G*Tq, D) so each KV head serves its query group without repeating K/V.
     qg = qg.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, per_kv * max_q, head_dim)
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * scale  # (B, Hkv, G*Tq, Lk)
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).mul_(scale)  # (B, Hkv, G*Tq, Lk)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(batch, num_kv_heads, per_kv, max_q, -1)
-    scores = scores.masked_fill(~view.mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    scores = scores.view(batch, num_kv_heads, per_kv, max_q, -1).masked_fill_(view.hidden(), float("-inf"))
+    probs = torch.softmax(scores if scores.dtype == torch.float32 else scores.float(), dim=-1)
     probs = probs.view(batch, num_kv_heads, per_kv * max_q, -1)
+    if probs.dtype != q.dtype:
+        probs = probs.to(q.dtype)
     out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # (B, Hkv, G*Tq, D)
     out = out.view(batch, num_kv_heads, per_kv, max_q, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch * max_q, heads * head_dim)

@@ -21,7 +21,9 @@ from functools import cache
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent
-FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-pthread")
+# -fopenmp: a kernel splits its work over OpenMP threads. In a torch process libgomp.so.1 is torch's
+# own, already loaded, so the kernel shares the warm thread team torch's ops use (no second pool).
+FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-fopenmp")
 
 
 class NativeUnavailable(RuntimeError):
