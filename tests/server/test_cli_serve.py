@@ -134,3 +134,45 @@ def test_a_drain_ends_at_once_when_the_ray_cluster_dies_during_it(monkeypatch):
 
     alive, graces, seconds = asyncio.run(drain())
     assert alive is False and graces == [serve.DRAIN_SECONDS, None] and seconds < 5
+
+
+def test_serve_quantize_int8_answers_with_the_int8_engines_tokens_and_logprobs(default_llm):
+    """`gemma-dist serve --quantize int8` end to end: the gRPC answer carries the in-process int8
+    engine's greedy tokens and logprobs (tp=1; the int8 kernel is batch- and thread-invariant, so
+    equal up to float printing), and those logprobs are not the exact model's (the flag reached
+    the shard worker)."""
+    from gemma_dist import SamplingParams
+    from gemma_dist.client import Client
+    from gemma_dist.model.layers import set_cpu_kernels
+
+    prompt, tokens = "Count: one, two, three,", 12
+    params = SamplingParams(temperature=0, max_tokens=tokens, logprobs=1, ignore_eos=True)
+    exact = default_llm.generate([prompt], params)[0]
+    try:
+        set_cpu_kernels(default_llm.model, quantize="int8")
+        local = default_llm.generate([prompt], params)[0]
+    finally:
+        set_cpu_kernels(default_llm.model)  # the session's other tests expect the exact prepacked model
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--quantize",
+                               "int8", "--metrics-port", str(free_port()), "--http-port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 180
+        for line in server.stdout:
+            if f"on 127.0.0.1:{port}" in line or time.time() > deadline:
+                break
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            served = client.generate(prompt, temperature=0, max_tokens=tokens, logprobs=1, ignore_eos=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert list(served.token_ids) == local.token_ids
+    served_logprobs = [lp.chosen.logprob for lp in served.logprobs]
+    assert max(abs(a - b.logprob) for a, b in zip(served_logprobs, local.logprobs)) < 1e-4
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(exact.logprobs, local.logprobs)) > 1e-3
