@@ -9,8 +9,10 @@ and moving plans and tokens between processes. One run measures, on the same gre
 
   - the in-process engine (LLMEngine.step in a loop: the baseline), and again with greedy rows
     building whole (streams, 262,144) logits before their argmax (the LM head before its argmax path);
-  - `gemma-dist serve` at tp=1 and tp=2 (Ray actors, gloo; steps by actor calls, and at tp=2 also
-    by a Ray Compiled Graph), driven by S concurrent gRPC streams from this process over 127.0.0.1;
+  - `gemma-dist serve` at tp=1 and tp=2 (Ray actors; steps by actor calls, and at tp=2 also by a Ray
+    Compiled Graph; the shard workers' collectives through shared memory, and at tp=2 also through
+    gloo alone: `--tp-collectives torch`), driven by S concurrent gRPC streams from this process over
+    127.0.0.1;
 
 and reports output tok/s, milliseconds per step split into phases (schedule, prepare, forward,
 sample with the LM head, postprocess, transport; from the engine's counters, read over /metrics for the served
@@ -18,7 +20,7 @@ stack) and CPU-seconds per 1,000 output tokens of every process (gateway, coordi
 workers, Ray's own, and this client).
 
     .venv/bin/python bench/bench_overhead.py [--streams 64,256] [--prompt-len 16] [--output-len 128]
-                                             [--served 1,2,2:compiled-graph]
+                                             [--served 1,2,2:auto:torch,2:compiled-graph]
 """
 
 from __future__ import annotations
@@ -176,13 +178,14 @@ def scrape(metrics_port: int) -> dict[str, float]:
 class Server:
     """`gemma-dist serve` in a subprocess, as users start it (bench_serving's launcher)."""
 
-    def __init__(self, model_dir: Path, tp: int, dispatch: str, max_num_seqs: int, max_batched: int):
+    def __init__(self, model_dir: Path, tp: int, dispatch: str, max_num_seqs: int, max_batched: int,
+                 collectives: str = "auto"):
         self.metrics_port = free_port()
         self.proc, self.target, _ = start_server(
             tp, str(model_dir), "float32", "cpu", self.metrics_port,
             ("--max-num-seqs", str(max_num_seqs), "--max-num-batched-tokens", str(max_batched),
-             "--kv-cache-memory", str(1 << 30), "--step-dispatch", dispatch),
-            f"bench_overhead_serve_tp{tp}_{dispatch}.log")
+             "--kv-cache-memory", str(1 << 30), "--step-dispatch", dispatch, "--tp-collectives", collectives),
+            f"bench_overhead_serve_tp{tp}_{dispatch}_{collectives}.log")
 
     def stop(self) -> None:
         stop_server(self.proc)
@@ -236,14 +239,21 @@ def print_table(rows: list[tuple[str, int, dict]], engine: dict[int, dict]) -> N
               + f" | {total:>12.2f} | {split:<60} |")
 
 
+def served_config(spec: str) -> tuple[int, str, str]:
+    """"TP[:DISPATCH[:COLLECTIVES]]" → (tp, dispatch, collectives), "auto" where left out."""
+    tp, dispatch, collectives = (spec.split(":") + ["auto", "auto"])[:3]
+    return int(tp), dispatch, collectives
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", default="64,256", help="concurrent streams, comma-separated")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--served", default="1,2,2:compiled-graph",
-                        help="served configurations TP[:DISPATCH], comma-separated (dispatch: auto, actor-calls, "
-                             "compiled-graph; default auto); 'none': the engine only")
+    parser.add_argument("--served", default="1,2,2:auto:torch,2:compiled-graph",
+                        help="served configurations TP[:DISPATCH[:COLLECTIVES]], comma-separated (dispatch: auto, "
+                             "actor-calls, compiled-graph; collectives: serve's --tp-collectives, auto or torch; "
+                             "default auto); 'none': the engine only")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--whole-logits", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the engine with greedy rows building whole logits (the LM head before "
@@ -259,8 +269,7 @@ def main() -> int:
     streams = [int(s) for s in args.streams.split(",")]
     max_seqs = max(streams)
     batched = max(args.max_num_batched_tokens, max_seqs)
-    served = [] if args.served == "none" else [(int(c.split(":")[0]), (c.split(":") + ["auto"])[1])
-                                                for c in args.served.split(",")]
+    served = [] if args.served == "none" else [served_config(c) for c in args.served.split(",")]
     rows, engine = [], {}
     for n in streams:
         engine[n] = run_engine(model_dir, prompts(n, args.prompt_len, seed=n), args.output_len, max_seqs, batched)
@@ -271,9 +280,10 @@ def main() -> int:
                                argmax_head=False)
             rows.append(("engine, whole logits", n, whole))
             print(f"  engine with whole logits, {n} streams: {whole['tok_s']:.0f} tok/s", file=sys.stderr)
-    for tp, dispatch in served:
-        server = Server(model_dir, tp, dispatch, max_seqs, batched)
-        name = f"served tp={tp}" + ("" if dispatch == "auto" else f", {dispatch}")
+    for tp, dispatch, collectives in served:
+        server = Server(model_dir, tp, dispatch, max_seqs, batched, collectives)
+        name = (f"served tp={tp}" + ("" if dispatch == "auto" else f", {dispatch}")
+                + ("" if collectives == "auto" else f", {collectives} collectives"))
         try:
             for n in streams:
                 result = run_served(server, prompts(n, args.prompt_len, seed=n), args.output_len)

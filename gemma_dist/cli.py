@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "Graph (shared-memory channels, ~0.25 ms, but its reader spins a core while a step "
                             "runs) or one actor call per worker (~1 ms+); auto = the graph on GPU/TPU, actor "
                             "calls on CPU")
+    serve.add_argument("--tp-collectives", default="auto", choices=["auto", "torch"],
+                       help="how CPU shard workers of one host sum their partial results: auto = through a shared "
+                            "memory segment (microseconds a call; gloo over loopback TCP measured ~1 ms), else and "
+                            "on GPU torch.distributed; torch = always torch.distributed (gloo / nccl)")
     serve.add_argument("--threads-per-worker", type=int, default=0,
                        help="torch threads per shard worker (0 = this host's cores / (tp x replicas))")
     serve.add_argument("--routing", default="prefix", choices=["prefix", "least-loaded"],

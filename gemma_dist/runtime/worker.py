@@ -47,6 +47,7 @@ class ShardWorker:
         if os.environ.get("GEMMA_DIST_BATCH_INVARIANT") == "1":
             set_batch_invariant(True)
         self.runner: ModelRunner | None = None
+        self.local = None  # a CPU group's shared-memory collectives (one host; set by start, else gloo alone)
         self.plans: PlanRunner | None = None  # the persistent batch over `runner`
 
     def rendezvous(self) -> tuple[str, int]:
@@ -71,9 +72,14 @@ class ShardWorker:
         device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         dist.init_process_group(backend, init_method=f"tcp://{master}:{port}", rank=self.rank, world_size=self.world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        if backend == "gloo" and self.world > 1 and os.environ.get("GEMMA_DIST_SHM_COLLECTIVES", "1") != "0":
+            from gemma_dist.model.shm_group import SharedMemoryGroup
+
+            self.local = SharedMemoryGroup.create(self.rank, self.world, dist.group.WORLD, COLLECTIVE_TIMEOUT_S)
         checkpoint = open_checkpoint(self.model_path, self.variant)
         try:
-            model = load_model(checkpoint, self.dtype, device, ParallelContext(self.rank, self.world, dist.group.WORLD))
+            model = load_model(checkpoint, self.dtype, device,
+                               ParallelContext(self.rank, self.world, dist.group.WORLD, local=self.local))
         finally:
             checkpoint.source.close()
         per_block = kv_bytes_per_token(model, next(model.parameters()).dtype) * block_size
@@ -136,6 +142,15 @@ class ShardWorker:
     def num_parameters(self) -> int:
         """Parameters this rank holds (its shard)."""
         return sum(p.numel() for p in self.runner.model.parameters())
+
+    def collectives(self) -> str:
+        """How this rank's collectives travel: "shared memory" (CPU ranks on one host), "gloo", "nccl",
+        "none" (tp = 1) or "xla" (the compiler inserts them)."""
+        if self.device == "xla":
+            return "xla"
+        if not dist.is_initialized() or self.world == 1:
+            return "none"
+        return "shared memory" if self.local is not None else dist.get_backend()
 
     def compile_count(self) -> int:
         """Graphs compiled in this actor so far (XLA only; 0 elsewhere)."""

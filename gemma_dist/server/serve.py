@@ -116,7 +116,8 @@ async def _serve(args: argparse.Namespace) -> int:
     config, tokenizer = checkpoint.config, checkpoint.load_tokenizer()
     checkpoint.source.close()
     ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"GEMMA_DIST_BATCH_INVARIANT": "1" if args.batch_invariant else "0"}})
+             runtime_env={"env_vars": {"GEMMA_DIST_BATCH_INVARIANT": "1" if args.batch_invariant else "0",
+                                       "GEMMA_DIST_SHM_COLLECTIVES": "1" if args.tp_collectives == "auto" else "0"}})
     device = cluster_device(args.device, ray.cluster_resources())
     dtype = args.dtype or default_dtype(device)
     max_model_len = min(args.max_model_len or (DEFAULT_MAX_MODEL_LEN if device == "xla" else

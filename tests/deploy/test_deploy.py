@@ -532,6 +532,8 @@ def test_dry_run_shows_the_step_limits_and_dispatch(capsys):
     assert (settings["min_replicas"], settings["max_replicas"], settings["scale_up_queue"]) == (1, 3, 4.0)
     assert settings["placement_strategy"] == "spread"
     assert defaults["quantize"] is None and dry_run(["--quantize", "int8"], capsys)[1]["quantize"] == "int8"
+    assert defaults["tp_collectives"] == "auto"
+    assert dry_run(["--tp-collectives", "torch"], capsys)[1]["tp_collectives"] == "torch"
 
 
 @pytest.mark.parametrize("argv,flag", [

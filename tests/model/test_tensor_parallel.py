@@ -23,13 +23,19 @@ TOKENS = [2, 17, 300, 45, 99, 8, 411, 23, 7, 250, 61, 5, 333, 12, 90, 41, 77, 3,
 
 
 def _rank_main(rank: int, world: int, port: int, model_path: str, tokens: list[int], results,
-               quantize: str | None = None):
+               quantize: str | None = None, collectives: str = "gloo"):
     """One tensor-parallel rank: join the gloo group, load its shard (its layers quantized with
-    `quantize`), run prefill + decode."""
+    `quantize`), run prefill + decode; `collectives` "shm": through a SharedMemoryGroup."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        parallel = ParallelContext(rank, world, dist.group.WORLD)
+        local = None
+        if collectives == "shm":
+            from gemma_dist.model.shm_group import SharedMemoryGroup
+
+            local = SharedMemoryGroup.create(rank, world, dist.group.WORLD, timeout_s=60)
+            assert local is not None
+        parallel = ParallelContext(rank, world, dist.group.WORLD, local=local)
         model = load_model(open_checkpoint(model_path), "float32", parallel=parallel)
         set_cpu_kernels(model, quantize, prepack=False)
         c = model.config
@@ -48,12 +54,12 @@ def _rank_main(rank: int, world: int, port: int, model_path: str, tokens: list[i
         dist.destroy_process_group()
 
 
-def run_tp(model_path: str, world: int, tokens: list[int], quantize: str | None = None):
+def run_tp(model_path: str, world: int, tokens: list[int], quantize: str | None = None, collectives: str = "gloo"):
     """(prefill logits, prefill+decode logits, params per rank) from a `world`-rank group."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, model_path, tokens, results, quantize))
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, model_path, tokens, results, quantize, collectives))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -84,11 +90,12 @@ def single_rank(model_path: str, tokens: list[int], quantize: str | None = None)
             sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["gemma1", "gemma2", "gemma3"])
-def test_tp2_matches_single_rank_tiny(family, tmp_path):
+@pytest.mark.parametrize("family,collectives", [("gemma1", "gloo"), ("gemma2", "gloo"), ("gemma3", "gloo"),
+                                                ("gemma2", "shm"), ("gemma3", "shm")])
+def test_tp2_matches_single_rank_tiny(family, collectives, tmp_path):
     make_tiny_hf_checkpoint(family, tmp_path)
     want, total = single_rank(str(tmp_path), TOKENS)
-    prefill, stepwise, per_rank = run_tp(str(tmp_path), 2, TOKENS)
+    prefill, stepwise, per_rank = run_tp(str(tmp_path), 2, TOKENS, collectives=collectives)
     torch.testing.assert_close(stepwise, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(prefill, want[: len(TOKENS) - 3], atol=ATOL, rtol=0)
     assert_same_argmax_where_clear(stepwise, want, min_clear=len(TOKENS) - 2)
@@ -105,6 +112,10 @@ def test_tp2_matches_single_rank_real_gemma3_270m(default_llm):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert_same_argmax_where_clear(got, want, min_clear=len(tokens) - 2)
     assert max(per_rank) < 0.6 * total
+    # Shared-memory collectives (what a CPU replica's shard workers on one host use): two ranks'
+    # sums a + b are gloo's exactly, so every logit is bitwise the gloo group's.
+    _, through_shm, _ = run_tp(path, 2, tokens, collectives="shm")
+    assert torch.equal(through_shm, got)
 
 
 @pytest.mark.slow

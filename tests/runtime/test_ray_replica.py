@@ -1,4 +1,4 @@
-"""Ray replicas on a real local Ray cluster: tp=2 shard workers (gloo) + a coordinator actor."""
+"""Ray replicas on a real local Ray cluster: tp=2 shard workers (gloo + shared memory) + a coordinator actor."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def test_tp2_ray_replica_matches_the_reference(tp2_replica):
     # the reference's first near-tie (prose has none: all 40 tokens are stable).
     assert [t for d in deltas for t in d.token_ids] == stable_prefix(case)[:16] and len(stable_prefix(case)) >= 16
     assert deltas[-1].finish_reason is not None and deltas[-1].completion_tokens == 16
+    # Both CPU shard workers run on this host: their collectives go through shared memory, not gloo.
+    assert ray.get([w.collectives.remote() for w in tp2_replica.workers]) == ["shared memory"] * 2
 
 
 def test_argmax_rows_and_logprob_rows_share_a_tp2_step(tp2_replica):
