@@ -48,8 +48,8 @@ class SharedMemoryGroup:
         nbytes = self.lib.shm_segment_bytes(size, SLOT_BYTES)
         fd = os.open(path, (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else os.O_RDWR, 0o600)
         try:
-            if create:
-                os.ftruncate(fd, nbytes)
+            if create:  # reserved now: a full tmpfs fails here, not with SIGBUS at a later write
+                os.posix_fallocate(fd, 0, nbytes)
             self.segment = mmap.mmap(fd, nbytes)
         finally:
             os.close(fd)
