@@ -11,17 +11,26 @@ import time
 from tests.helpers import free_port
 
 
+def serve_process(port: int, *flags: str, **popen) -> subprocess.Popen:
+    """`gemma-dist serve --port PORT *flags` in a subprocess, its output on a pipe (see wait_listening)."""
+    return subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
+
+
+def wait_listening(server: subprocess.Popen, port: int, timeout: float = 120) -> None:
+    """Read the server's output until it says it listens on `port` (or `timeout` seconds pass)."""
+    deadline = time.time() + timeout
+    for line in server.stdout:
+        if f"on 127.0.0.1:{port}" in line or time.time() > deadline:
+            break
+
+
 def test_serve_generate_and_drain_on_sigterm():
     port, http_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port),
-                               "--metrics-port", str(free_port()), "--http-port", str(http_port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    server = serve_process(port, "--metrics-port", str(free_port()), "--http-port", str(http_port))
     try:
-        deadline = time.time() + 120
-        for line in server.stdout:
-            if f"on 127.0.0.1:{port}" in line or time.time() > deadline:
-                break
+        wait_listening(server, port)
         cli = [sys.executable, "-m", "gemma_dist.cli", "generate", "--target", f"127.0.0.1:{port}",
                "--temperature", "0", "--max-tokens", "8"]
         unary = subprocess.run(cli + ["The three primary colors are"], capture_output=True, text=True, timeout=120)
@@ -60,15 +69,9 @@ def test_sigterm_to_the_whole_process_group_exits_0_at_once():
     from gemma_dist.client import Client
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port),
-                               "--metrics-port", "0", "--http-port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    server = serve_process(port, "--metrics-port", "0", "--http-port", "0", start_new_session=True)
     try:
-        deadline = time.time() + 120
-        for line in server.stdout:
-            if f"on 127.0.0.1:{port}" in line or time.time() > deadline:
-                break
+        wait_listening(server, port)
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             stream = client.generate_stream("Once upon a time", temperature=0, max_tokens=200, ignore_eos=True)
             assert next(stream).token_ids
@@ -154,15 +157,9 @@ def test_serve_quantize_int8_answers_with_the_int8_engines_tokens_and_logprobs(d
     finally:
         set_cpu_kernels(default_llm.model)  # the session's other tests expect the exact prepacked model
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "gemma_dist.cli", "serve", "--port", str(port), "--quantize",
-                               "int8", "--metrics-port", str(free_port()), "--http-port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = serve_process(port, "--quantize", "int8", "--metrics-port", str(free_port()), "--http-port", "0")
     try:
-        deadline = time.time() + 180
-        for line in server.stdout:
-            if f"on 127.0.0.1:{port}" in line or time.time() > deadline:
-                break
+        wait_listening(server, port, timeout=180)
         with Client(f"127.0.0.1:{port}", timeout=120) as client:
             served = client.generate(prompt, temperature=0, max_tokens=tokens, logprobs=1, ignore_eos=True)
     finally:
