@@ -64,22 +64,25 @@ class SharedMemoryGroup:
         import torch.distributed as dist
 
         first = dist.get_global_rank(group, 0)
-        hosts = [None] * size
-        dist.all_gather_object(hosts, _host_identity(), group=group)
+        identities = [None] * size
+        dist.all_gather_object(identities, (_host_identity(), os.getpid()), group=group)
         path, shared, reason = SHM_DIR / f"gemma_dist_tp_{uuid.uuid4().hex}", None, None
-        if len(set(hosts)) > 1:
+        if len({host for host, _ in identities}) > 1:
             reason = "the ranks are on different hosts"
+        elif not all(map(_process_visible, (pid for _, pid in identities))):
+            reason = f"{socket.gethostname()}: a peer rank's process is not visible here (another PID namespace)"
         elif rank == 0:
             shared, reason = _attempt(lambda: cls(rank, size, path, timeout_s, create=True), "create")
-        plan = [str(path), reason]
+        plan = [str(path), reason if rank == 0 else None]
         dist.broadcast_object_list(plan, src=first, group=group)  # rank 0's segment name, or why not
-        path, reason = Path(plan[0]), plan[1]
+        path = Path(plan[0])
+        reason = reason or plan[1]
         if reason is None and rank != 0:
             shared, reason = _attempt(lambda: cls(rank, size, path, timeout_s, create=False), "map")
         reasons = [None] * size
         dist.all_gather_object(reasons, reason, group=group)
-        if rank == 0 and shared is not None:
-            path.unlink(missing_ok=True)  # every rank has mapped it or given up: the name can go
+        if rank == 0:  # every rank has mapped it or given up (a half-made one too): the name can go
+            path.unlink(missing_ok=True)
         reason = next((r for r in reasons if r is not None), None)
         if reason is None:
             return shared
@@ -131,6 +134,12 @@ def _check(status: int, what: str) -> None:
         raise CollectiveError(f"shared-memory {what}: a peer rank's process is gone")
     if status == -2:
         raise CollectiveError(f"shared-memory {what}: a peer rank stayed silent past the collective timeout")
+
+
+def _process_visible(pid: int) -> bool:
+    """Whether this process sees process `pid` (the wait tells a dead peer by its /proc entry, so a
+    peer in another PID namespace, e.g. another container sharing /dev/shm, would look dead)."""
+    return Path(f"/proc/{pid}").exists()
 
 
 def _host_identity() -> str:

@@ -1,12 +1,14 @@
 """Shared-memory collectives between processes (gemma_dist.model.shm_group): the same sums and
 exchanges as gloo's, a clear error when a peer dies or stays silent, gloo kept where the ranks are
-on different hosts or the segment cannot be made, and no file left under /dev/shm."""
+on different hosts, cannot see each other's processes or the segment cannot be made, and no file
+left under /dev/shm."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -23,11 +25,13 @@ def _rank(rank: int, port: int, scenario: str, results) -> None:
 
     if scenario == "other_host" and rank == 1:
         shm_group._host_identity = lambda: "another-machine/boot"
+    if scenario == "hidden_peer" and rank == 1:  # as from another PID namespace sharing /dev/shm
+        shm_group._process_visible = lambda pid: pid == os.getpid()
     if scenario == "no_segment":  # e.g. no /dev/shm, or a full one
         shm_group.SHM_DIR = shm_group.Path("/nonexistent-dir")
     local = SharedMemoryGroup.create(rank, 2, dist.group.WORLD, timeout_s=0.5 if scenario == "silent" else 30)
     try:
-        if scenario in ("other_host", "no_segment"):
+        if scenario in ("other_host", "no_segment", "hidden_peer"):
             results.put((rank, "none" if local is None else "group"))
         elif scenario == "exchange":
             parallel = ParallelContext(rank, 2, dist.group.WORLD, local=local)
@@ -58,7 +62,7 @@ def _rank(rank: int, port: int, scenario: str, results) -> None:
             except CollectiveError as error:
                 results.put((rank, str(error), time.monotonic() - started))
     finally:
-        if scenario in ("exchange", "other_host", "no_segment"):  # the others' peers left mid-way: the process just ends
+        if scenario not in ("dead", "silent"):  # there the peers left mid-way: the process just ends
             dist.destroy_process_group()
 
 
@@ -98,8 +102,9 @@ def test_a_silent_peer_ends_the_collective_after_its_timeout():
     assert "silent" in message and 0.4 < seconds < 4
 
 
-def test_ranks_on_different_hosts_keep_gloo():
-    got = _run("other_host", expect=2)
+@pytest.mark.parametrize("scenario", ["other_host", "hidden_peer"])
+def test_ranks_on_different_hosts_or_unseen_by_each_other_keep_gloo(scenario):
+    got = _run(scenario, expect=2)
     assert got[0] == ("none",) and got[1] == ("none",)
 
 
