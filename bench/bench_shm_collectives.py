@@ -18,7 +18,6 @@ tokens, output tok/s.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_serving import free_port  # noqa: E402
 
 SHAPES = [(1, 640), (32, 640), (64, 64), (256, 64), (512, 640)]
 
@@ -123,9 +124,7 @@ def main() -> int:
 
         print(json.dumps(replica_run(args.replica_run)))
         return 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     procs = [ctx.Process(target=_rank, args=(r, port, args.calls, results)) for r in range(2)]

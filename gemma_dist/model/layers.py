@@ -59,7 +59,7 @@ class ParallelContext:
         """Sum `x` over the group in place (row-parallel outputs)."""
         if not self.communicates:
             return x
-        if self.local is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
+        if self.local is not None and self.local.sums(x):
             return self.local.all_reduce(x)
         torch.distributed.all_reduce(x, group=self.group)
         return x
@@ -336,9 +336,8 @@ def _q8_library():
     if not getattr(lib, "_typed", False):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.q8_quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr]
-        lib.q8_gemm_threads.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64]
         lib.q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64]
-        lib.q8_quantize.restype = lib.q8_gemm_threads.restype = None
+        lib.q8_quantize.restype = None
         lib.q8_linear.restype = ctypes.c_int
         lib._typed = True
     return lib

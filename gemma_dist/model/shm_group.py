@@ -111,6 +111,10 @@ class SharedMemoryGroup:
         _check(status, "all_gather")
         return out
 
+    def sums(self, x: torch.Tensor) -> bool:
+        """Whether `all_reduce` takes `x` (contiguous fp32 on CPU; any size: it runs in chunks)."""
+        return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+
     def fits(self, x: torch.Tensor) -> bool:
         """Whether `x` can be exchanged here (CPU, contiguous, at most a slot)."""
         return x.device.type == "cpu" and x.is_contiguous() and x.numel() * x.element_size() <= SLOT_BYTES

@@ -162,8 +162,9 @@ void q8_gemm(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8
  * thread (so every output is still one fixed sequence of operations). In a torch process the team
  * is torch's own (the same libgomp.so.1), already started and waiting, so even a one-row product of
  * a decode step splits profitably: 1536 x 640 at M = 1 measured 103 us on one thread and 81 on two,
- * where two threads by a pthread create + join per call took 152 (against 73 on one). Called with the GIL held (ctypes.PyDLL), so no other Python thread of
- * the caller's process (a Ray worker has several) can delay the return (layers._q8_library). */
+ * where two threads by a pthread create + join per call took 152 (against 73 on one). Reached
+ * through q8_linear, called with the GIL held (ctypes.PyDLL), so no other Python thread of the
+ * caller's process (a Ray worker has several) can delay the return (layers._q8_library). */
 void q8_gemm_threads(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8_t *wq, const float *wd,
                      int64_t n, int64_t panel, float *y, int64_t ldy, int64_t threads) {
     if (threads < 1) threads = 1;
