@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import math
 from typing import Callable
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma_dist.model.attention import AttentionGroup, AttentionMetadata, KeyView
+
+_log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- parallelism
@@ -359,6 +362,76 @@ def _q8_quantize(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, d
 
 
+# The greedy LM head of a narrow fp32 model (hidden below _LM_HEAD_KERNEL_MIN_HIDDEN: the overhead
+# bench's hidden 64): its product is bound by writing its (M, V) output, not by its arithmetic. The
+# native argmax_head kernel keeps each 6 x 16 tile of logits in registers and reduces it at once;
+# with W packed once into 16-row K-major panels it measured 51 ms at M = 256 against 111-147 for the
+# chunked torch head (vocabulary 262,144, hidden 64, 2 threads of an AVX2 EPYC; 167 GFLOP/s).
+# Each logit is one K-ordered fma chain: batch-invariant, and bitwise MKL's GEMM value here from
+# 6 rows up (its matrix-vector form below sums in another order, a few ulp apart).
+class PackedArgmax(CpuKernel):
+    """Per row of x (M, K): the largest fp32 logit over vocabulary rows [0, limit) of the layer's W
+    (V, K) and its lowest index, by the native kernel over a packed copy of W (V * K floats more).
+    Not a product: `best` replaces `lm_head_argmax`'s whole or chunked logits where it applies."""
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor, library):
+        super().__init__(weight)
+        self.packed = packed  # (ceil(V / 16), K, 16) fp32: W's rows in 16-row K-major panels
+        self.lib = library
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "PackedArgmax | None":
+        """W (V, K) fp32 on CPU, packed; None for another dtype or device, or without the kernel
+        (native.NativeUnavailable: the chunked torch head serves instead, with the same results)."""
+        from gemma_dist.model import native
+
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return None
+        try:
+            lib = _argmax_library()
+        except native.NativeUnavailable as error:
+            _log.info("greedy LM head: torch's chunked form (%s)", error)
+            return None
+        vocab, width = weight.shape
+        w = weight.detach().contiguous()
+        packed = torch.empty(-(-vocab // 16), width, 16, dtype=torch.float32)
+        lib.pack_panels(w.data_ptr(), vocab, width, packed.data_ptr())
+        return cls(weight, packed, lib)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return not _batch_invariant and x.dtype == torch.float32 and super().applies(x)
+
+    def best(self, x: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values (M,) fp32, ids (M,) int64) over ids [0, limit), limit <= V; (-inf, 0) where no
+        logit beats -inf (NaN logits are never picked)."""
+        x = x.contiguous()
+        rows = x.shape[0]
+        values, ids = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.int64)
+        limit = min(limit, self.weight.shape[0])
+        if self.lib.argmax_head(x.data_ptr(), rows, x.shape[1], self.packed.data_ptr(), limit,
+                                torch.get_num_threads(), values.data_ptr(), ids.data_ptr()):
+            raise MemoryError(f"argmax_head: no scratch for {rows} rows")
+        return values, ids
+
+
+def _argmax_library():
+    """The native argmax_head kernel with its argument types declared; its calls hold the GIL (as
+    the q8 kernel's do: a Ray worker's other Python threads cannot delay the return)."""
+    import ctypes
+
+    from gemma_dist.model import native
+
+    lib = native.load("argmax_head", hold_gil=True)
+    if not getattr(lib, "_typed", False):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.pack_panels.argtypes = [ptr, i64, i64, ptr]
+        lib.pack_panels.restype = None
+        lib.argmax_head.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
+        lib.argmax_head.restype = ctypes.c_int
+        lib._typed = True
+    return lib
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, kernel: CpuKernel | None = None) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T → (M, N), choosing the fastest form on CPU: the layer's `kernel`
     where it applies, else MKL's (fixed tiles in batch-invariant mode)."""
@@ -412,21 +485,26 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
 # and its argmax; M = 64, 21 against 30 ms. Unmeasured on other CPUs: `lm_head`'s note found plain
 # vocabulary chunks slower than one GEMM on an AVX-512 machine (there without the argmax pass saved).
 # Hidden 640 keeps its prepacked whole product (chunks measured 1.3-3x slower than it, M = 8..128).
+# A narrow fp32 head with the native kernel (PackedArgmax, below) skips the chunks as well.
 _ARGMAX_CHUNK = 8192  # vocabulary rows per chunk: (8192, 256) fp32 is 8 MB
 _ARGMAX_BLOCK = 1024  # the blocks whose maxima each chunk is reduced to
 
 
 def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, limit: int, softcap: float | None = None,
-                   kernel: CpuKernel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   kernel: CpuKernel | None = None,
+                   argmax_kernel: PackedArgmax | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of x (M, K): the largest fp32 logit over vocabulary rows [0, limit) of weight (V, K),
     final softcap applied, and its index (the first on ties, as argmax). Returns (values (M,) fp32,
     ids (M,) int64); limit <= 0 gives (-inf, 0). The values are the same fp32 products as `lm_head`'s
     (bitwise where the BLAS computes a row alike in both forms; see the note above). On CPU with the
-    plain GEMM (no kernel, not batch-invariant, more than 4 rows) the (M, V) logits are never built."""
+    plain GEMM (no kernel, not batch-invariant, more than 4 rows) the (M, V) logits are never built;
+    nor with `argmax_kernel` (PackedArgmax, no softcap), which then computes the whole answer."""
     rows = x.shape[0]
     if limit <= 0 or rows == 0:
         return (torch.full((rows,), float("-inf"), device=x.device),
                 torch.zeros(rows, dtype=torch.long, device=x.device))
+    if softcap is None and argmax_kernel is not None and argmax_kernel.applies(x):
+        return argmax_kernel.best(x, limit)
     chunked = (x.device.type == "cpu" and x.dim() == 2 and rows > 4 and not _batch_invariant
                and not torch.is_grad_enabled() and not (kernel is not None and kernel.applies(x)))
     if not chunked:
@@ -638,6 +716,7 @@ class VocabParallelEmbedding(nn.Module):
         # SPMD: every rank's rows stacked = the whole vocabulary, zero-padded to size * local.
         self.weight = nn.Parameter(torch.empty(self.vocab_local * parallel.held, dim))
         self.cpu_kernel: CpuKernel | None = None  # a faster CPU route for the weight (set_cpu_kernels)
+        self.argmax_kernel: PackedArgmax | None = None  # the greedy head's native route (set_cpu_kernels)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(T,) ids → (T, H) embeddings (each rank looks up the ids it owns; summed)."""
@@ -662,7 +741,7 @@ class VocabParallelEmbedding(nn.Module):
         """(N, H) → this rank's best logit per row over ids below `limit` (softcapped, fp32) and its
         id (the lowest on ties), both (N,): `lm_head_argmax` over this rank's vocabulary slice."""
         local_limit = min(self.vocab_local, limit - self.vocab_start)
-        values, ids = lm_head_argmax(hidden, self.weight, local_limit, softcap, self.cpu_kernel)
+        values, ids = lm_head_argmax(hidden, self.weight, local_limit, softcap, self.cpu_kernel, self.argmax_kernel)
         return values, ids + self.vocab_start
 
     def shard_specs(self, name: str, param_name: str) -> dict[str, ShardSpec]:
@@ -679,9 +758,10 @@ KERNEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool = True) -> int:
     """Give every parallel layer of a CPU model its CpuKernel, after loading: `quantize` "int8"
     → Int8Blocks (every layer, the LM head included), else with `prepack` fp32 weights →
-    PackedFp32 except on an LM head narrower than _LM_HEAD_KERNEL_MIN_HIDDEN, else none. A
-    kernel whose weight changed since stops applying; another call rebuilds it and keeps current
-    ones. Each tensor-parallel rank converts its own slice. Returns the layers given one."""
+    PackedFp32 except on an LM head narrower than _LM_HEAD_KERNEL_MIN_HIDDEN, which gets a
+    PackedArgmax for its greedy rows instead, else none. A kernel whose weight changed since stops
+    applying; another call rebuilds it and keeps current ones. Each tensor-parallel rank converts
+    its own slice. Returns the layers given a product kernel."""
     if quantize not in (None, *QUANTIZATIONS):
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
     kind = Int8Blocks if quantize == "int8" else PackedFp32 if prepack else None
@@ -697,7 +777,17 @@ def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool
                 kernel = kind.of(module.weight)
             module.cpu_kernel = kernel
             count += kernel is not None
+            if isinstance(module, VocabParallelEmbedding):
+                module.argmax_kernel = _argmax_kernel(module, narrow_lm_head)
     return count
+
+
+def _argmax_kernel(embed: VocabParallelEmbedding, narrow_fp32: bool) -> PackedArgmax | None:
+    """The embedding's PackedArgmax where its head is a narrow fp32 one on CPU (kept while current)."""
+    kernel = embed.argmax_kernel
+    if not narrow_fp32 or embed.weight.device.type != "cpu":
+        return None
+    return kernel if kernel is not None and kernel.current(embed.weight) else PackedArgmax.of(embed.weight)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 
 from gemma_dist.engine.model_runner import ModelRunner, StepInput, argmax_rows, merge_results
 from gemma_dist.model import layers
-from gemma_dist.model.layers import _soft_capped, lm_head, lm_head_argmax
+from gemma_dist.model.layers import PackedArgmax, _soft_capped, lm_head, lm_head_argmax
+from gemma_dist.model.native import cpu_has_avx2
 from gemma_dist.sampling import SampleResult, SamplingParams, SamplingRow, TokenLogprob
 from tests.helpers import top1_margins
 
@@ -107,6 +108,8 @@ def test_the_runner_gives_argmax_rows_the_samplers_tokens_and_others_their_logit
     """One step mixing plain greedy rows with logprob, penalized and sampled rows: the greedy rows'
     tokens are the full logits' argmax, the logprob rows report logprobs, every row gets a token."""
     runner = ModelRunner(tiny_model, num_blocks=64, block_size=16)
+    # A narrow fp32 head: its greedy rows go through the native kernel where it builds.
+    assert (runner.model.embed.argmax_kernel is not None) == cpu_has_avx2()
     torch.manual_seed(0)
     vocab = tiny_model.config.vocab_size
     prompts = [torch.randint(3, vocab, (5 + i,)).tolist() for i in range(8)]
@@ -142,3 +145,113 @@ def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-greedy-head")
     make_tiny_hf_checkpoint("gemma2", path)  # Gemma 2: the final logit softcap applies
     return load_model(open_checkpoint(str(path)), "float32")
+
+
+# --------------------------------------------------------------------------- the native greedy head
+
+needs_avx2 = pytest.mark.skipif(not cpu_has_avx2(), reason="the native greedy head needs an x86-64 CPU with AVX2 + FMA")
+
+
+def packed(w: torch.Tensor) -> PackedArgmax:
+    kernel = PackedArgmax.of(w)
+    assert kernel is not None  # AVX2 is here (needs_avx2): the kernel must build
+    return kernel
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 64, 301])
+@pytest.mark.parametrize("vocab", [16, 40_007, 3 * layers._ARGMAX_CHUNK])
+def test_native_greedy_head_picks_the_whole_rows_argmax(rows, vocab):
+    """Ids: the whole product's argmax wherever its top-1 margin clears fp32 rounding (a K-ordered
+    sum and the BLAS's differ in the last bits); values: the same products within a few ulp."""
+    torch.manual_seed(rows * 7 + vocab)
+    w, x = torch.randn(vocab, 64), torch.randn(rows, 64)
+    kernel = packed(w)
+    for limit in sorted({vocab, vocab - 5, max(1, vocab // 3 + 1), 1}):
+        with torch.inference_mode():
+            values, ids = lm_head_argmax(x, w, limit, argmax_kernel=kernel)
+            logits = lm_head(x, w)[:, :limit]
+        want_values, want_ids = whole_row_argmax(x, w, limit, None)
+        clear = top1_margins(logits) > 1e-4 if limit > 1 else torch.ones(rows, dtype=torch.bool)
+        assert clear.float().mean() > 0.9  # the check below has rows to hold
+        assert torch.equal(ids[clear], want_ids[clear]), limit
+        torch.testing.assert_close(values, logits.gather(1, ids[:, None]).squeeze(1), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(values, want_values, rtol=1e-6, atol=1e-5)
+
+
+@needs_avx2
+def test_native_greedy_head_breaks_ties_to_the_lowest_id_within_and_across_panels_and_threads():
+    rows, vocab = 9, 4096
+    x = torch.ones(rows, 8)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for tied in ([3, 9], [17, 40], [vocab - 1, vocab // 2 + 1], [vocab // 2 - 3, vocab // 2 + 5, 7]):
+                w = torch.zeros(vocab, 8)
+                w[tied] = 1.0
+                with torch.inference_mode():
+                    values, ids = lm_head_argmax(x, w, vocab, argmax_kernel=packed(w))
+                assert ids.tolist() == [min(tied)] * rows and values.tolist() == [8.0] * rows, (threads, tied)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_avx2
+def test_native_greedy_head_is_batch_and_thread_invariant():
+    """Each logit is one fixed K-ordered sum: a row's (value, id) are the same bits alone or among
+    300 rows, on 1 or 2 threads."""
+    torch.manual_seed(3)
+    w, x = torch.randn(20_000, 48), torch.randn(300, 48)
+    kernel = packed(w)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                results.append(kernel.best(x, 20_000))
+        alone = [kernel.best(x[i:i + 1], 20_000) for i in (0, 5, 6, 299)]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for j, i in enumerate((0, 5, 6, 299)):
+        assert torch.equal(alone[j][0], results[0][0][i:i + 1]) and torch.equal(alone[j][1], results[0][1][i:i + 1])
+
+
+@needs_avx2
+def test_native_greedy_head_never_picks_nan_and_defaults_to_minus_inf_at_id_zero():
+    w = torch.zeros(64, 4)
+    w[10] = float("nan")
+    w[20] = 1.0
+    values, ids = packed(w).best(torch.ones(3, 4), 64)
+    assert ids.tolist() == [20] * 3 and values.tolist() == [4.0] * 3
+    w = torch.full((64, 4), float("-inf"))
+    values, ids = packed(w).best(torch.ones(2, 4), 64)
+    assert ids.tolist() == [0, 0] and torch.isinf(values).all() and (values < 0).all()
+
+
+@needs_avx2
+def test_narrow_fp32_heads_get_the_native_greedy_head_and_lose_it_when_their_weight_changes():
+    from gemma_dist.model.layers import ParallelContext, VocabParallelEmbedding, set_cpu_kernels
+
+    narrow, wide = (VocabParallelEmbedding(1000, width, ParallelContext()) for width in (64, 256))
+    model = torch.nn.ModuleList([narrow, wide])
+    for module in model:
+        torch.nn.init.normal_(module.weight)
+    set_cpu_kernels(model)
+    assert isinstance(narrow.argmax_kernel, PackedArgmax) and wide.argmax_kernel is None
+    kernel = narrow.argmax_kernel
+    set_cpu_kernels(model)
+    assert narrow.argmax_kernel is kernel  # current: kept
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        assert kernel.applies(x)
+        narrow.weight.mul_(2.0)
+        assert not kernel.applies(x)  # stale, never wrong: the torch head serves
+        values, ids = narrow.argmax(x, 1000, None)
+    torch.testing.assert_close(values, (x @ narrow.weight.t()).amax(1), rtol=1e-6, atol=1e-5)
+    set_cpu_kernels(model, quantize="int8")
+    assert narrow.argmax_kernel is None  # int8's own head
+    set_cpu_kernels(model, prepack=False)
+    assert narrow.argmax_kernel is None  # plain weights: the torch head
