@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 from typing import Callable
@@ -566,18 +567,21 @@ class RMSNorm(nn.Module):
 
     The forward runs once per norm per layer per step (109 times a token for Gemma 3 270M), and on
     small batches its cost is op dispatch, not arithmetic: (1 + w) is kept between calls (rebuilt
-    when w changes) and fp32 input skips its no-op casts. The same fp32 operations in the same
-    order as the reference's, so the result is bitwise the plain form's."""
+    when w changes) and fp32 input skips its no-op casts. fp32 on an AVX2 CPU takes the native
+    kernel (one call for the whole norm: native/rms_norm.c; its sum of squares runs in its own fixed
+    order, so the last bits differ from the torch form's); elsewhere the torch form."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
         self._scale: torch.Tensor | None = None  # (dim,) fp32 1 + w, as of _scale_key
-        self._scale_key: tuple | None = None  # w's (tensor identity, version) when _scale was built
+        self._scale_key: tuple | None = None  # w's (tensor identity, version, storage) when _scale was built
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize over the last dim in fp32, scale by (1 + w), back to x.dtype."""
+        if x.dtype == torch.float32 and x.device.type == "cpu" and _native_norm_applies(x):
+            return _native_rms_norm(x, self.scale(), self.eps)
         x32 = x if x.dtype == torch.float32 else x.float()
         inverse_rms = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         normed = (x32 * inverse_rms).mul_(self.scale())
@@ -588,9 +592,12 @@ class RMSNorm(nn.Module):
         computes it every time (a kept lazy tensor would make the first graph differ from the next,
         a recompilation); under CUDA graph capture it is not kept (capture records, it does not compute)."""
         weight = self.weight
+        key = self._scale_key
+        if key is not None and key == (id(weight), weight._version, weight.data_ptr()):  # the usual case, cheaply
+            return self._scale
         if weight.device.type not in ("cpu", "cuda"):
             return 1.0 + weight.float()
-        key = (id(weight), weight.device, weight._version)
+        key = (id(weight), weight._version, weight.data_ptr())  # data_ptr: a move to another device changes it
         if self._scale_key != key:
             scale = 1.0 + weight.detach().float()
             if weight.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -788,6 +795,47 @@ def _argmax_kernel(embed: VocabParallelEmbedding, narrow_fp32: bool) -> PackedAr
     if not narrow_fp32 or embed.weight.device.type != "cpu":
         return None
     return kernel if kernel is not None and kernel.current(embed.weight) else PackedArgmax.of(embed.weight)
+
+
+def _native_norm_applies(x: torch.Tensor) -> bool:
+    """Whether the native RMSNorm takes this fp32 CPU x: rows of contiguous values, 2 or 3 dims
+    (the q/k norm's (T, heads, D) views included), no autograd, and the kernel built here."""
+    return (x.dim() in (2, 3) and x.stride(-1) == 1 and x.numel() > 0 and not torch.is_grad_enabled()
+            and _norm_library() is not None)
+
+
+def _native_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x's rows by the native kernel: a new contiguous tensor of x's shape."""
+    y = torch.empty(x.shape, dtype=torch.float32)
+    outer, inner = (x.shape[0], 1) if x.dim() == 2 else (x.shape[0], x.shape[1])
+    s_outer, s_inner = x.stride(0), (x.stride(1) if x.dim() == 3 else 0)
+    dim = x.shape[-1]
+    threads = torch.get_num_threads() if x.numel() >= _NORM_SPLIT_VALUES else 1
+    _norm_library().rms_norm(x.data_ptr(), outer, inner, s_outer, s_inner, dim, scale.data_ptr(), eps,
+                             y.data_ptr(), threads)
+    return y
+
+
+_NORM_SPLIT_VALUES = 1 << 15  # from this many values a norm splits its rows over torch's threads
+
+
+@functools.cache
+def _norm_library():
+    """The native rms_norm kernel with its argument types declared; None where it cannot build (the
+    torch form serves, logged once). Calls hold the GIL: a row takes under a microsecond."""
+    import ctypes
+
+    from gemma_dist.model import native
+
+    try:
+        lib = native.load("rms_norm", hold_gil=True)
+    except native.NativeUnavailable as error:
+        _log.info("RMSNorm: the torch form (%s)", error)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_float, ptr, i64]
+    lib.rms_norm.restype = None
+    return lib
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
