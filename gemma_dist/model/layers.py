@@ -415,6 +415,23 @@ class PackedArgmax(CpuKernel):
         return values, ids
 
 
+def _native_rows_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values, ids) of each fp32 CPU row's maximum, its first index (NaN never picked), by the native
+    kernel; None where it cannot run (the caller takes torch's argmax)."""
+    from gemma_dist.model import native
+
+    if logits.dim() != 2 or logits.stride(1) != 1 or logits.dtype != torch.float32:
+        return None
+    try:
+        lib = _argmax_library()
+    except native.NativeUnavailable:
+        return None
+    rows = logits.shape[0]
+    values, ids = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.int64)
+    lib.rows_argmax(logits.data_ptr(), rows, logits.shape[1], logits.stride(0), values.data_ptr(), ids.data_ptr())
+    return values, ids
+
+
 def _argmax_library():
     """The native argmax_head kernel with its argument types declared; its calls hold the GIL (as
     the q8 kernel's do: a Ray worker's other Python threads cannot delay the return)."""
@@ -429,6 +446,8 @@ def _argmax_library():
         lib.pack_panels.restype = None
         lib.argmax_head.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
         lib.argmax_head.restype = ctypes.c_int
+        lib.rows_argmax.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+        lib.rows_argmax.restype = None
         lib._typed = True
     return lib
 
@@ -510,6 +529,10 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, limit: int, softcap: f
                and not torch.is_grad_enabled() and not (kernel is not None and kernel.applies(x)))
     if not chunked:
         logits = _soft_capped(lm_head(x, weight, kernel=kernel).float(), softcap)[:, :limit]
+        if logits.is_cpu and not torch.is_grad_enabled():
+            found = _native_rows_argmax(logits)
+            if found is not None:
+                return found
         ids = logits.argmax(dim=-1)  # first index on ties
         return logits.gather(1, ids[:, None]).squeeze(1), ids
     return _chunked_argmax(x, weight, limit, softcap)
@@ -580,7 +603,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize over the last dim in fp32, scale by (1 + w), back to x.dtype."""
-        if x.dtype == torch.float32 and x.device.type == "cpu" and _native_norm_applies(x):
+        if x.dtype == torch.float32 and x.is_cpu and _native_norm_applies(x):
             return _native_rms_norm(x, self.scale(), self.eps)
         x32 = x if x.dtype == torch.float32 else x.float()
         inverse_rms = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
@@ -630,8 +653,47 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (T, heads, D) by `rope_cos_sin`'s tables (T, 1, D): x * cos + rotate_half(x) * sin,
     rotate_half(x) = (-x2, x1), computed as x * cos + (x2, x1) * (-sin1, sin2), the same products."""
+    if x.dtype == torch.float32 and x.is_cpu and _native_rope_applies(x, cos, signed_sin):
+        return _native_rope(x, cos, signed_sin)
     swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)  # (x2, x1)
     return (x * cos).add_(swapped.mul_(signed_sin))
+
+
+def _native_rope_applies(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
+    """Whether the native RoPE (native/rope.c: bitwise the torch form) takes this fp32 CPU x: (T,
+    heads, D) rows of contiguous values, fp32 (T, 1, D) tables, no autograd, the kernel built here."""
+    return (x.dim() == 3 and x.stride(2) == 1 and x.shape[-1] % 2 == 0 and cos.dtype == torch.float32
+            and signed_sin.dtype == torch.float32 and cos.shape == signed_sin.shape == (x.shape[0], 1, x.shape[2])
+            and cos.is_contiguous() and signed_sin.is_contiguous() and not torch.is_grad_enabled()
+            and _rope_library() is not None)
+
+
+def _native_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` by the native kernel: a new contiguous (T, heads, D) tensor."""
+    y = torch.empty(x.shape, dtype=torch.float32)
+    threads = torch.get_num_threads() if x.numel() >= _NORM_SPLIT_VALUES else 1
+    _rope_library().rope(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), x.stride(1), x.shape[2], cos.data_ptr(),
+                         signed_sin.data_ptr(), y.data_ptr(), threads)
+    return y
+
+
+@functools.cache
+def _rope_library():
+    """The native rope kernel with its argument types declared; None where it cannot build (the
+    torch form serves, logged once). Calls hold the GIL."""
+    import ctypes
+
+    from gemma_dist.model import native
+
+    try:
+        lib = native.load("rope", hold_gil=True)
+    except native.NativeUnavailable as error:
+        _log.info("RoPE: the torch form (%s)", error)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
+    lib.rope.restype = None
+    return lib
 
 
 # --------------------------------------------------------------------------- parallel linear layers
@@ -797,6 +859,55 @@ def _argmax_kernel(embed: VocabParallelEmbedding, narrow_fp32: bool) -> PackedAr
     return kernel if kernel is not None and kernel.current(embed.weight) else PackedArgmax.of(embed.weight)
 
 
+def _native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether native decode attention takes these fp32 CPU tensors: q (T, Hq, D) rows of contiguous
+    heads, contiguous caches, no autograd, and the kernel built here."""
+    return (q.is_cpu and k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
+            and q.stride(2) == 1 and q.stride(1) == q.shape[2] and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and not torch.is_grad_enabled() and _decode_library() is not None)
+
+
+def _native_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
+                             view: KeyView, scale: float, softcap: float | None, layer_group: int) -> torch.Tensor:
+    """A decode group's attention (one query row per sequence) by the native kernel, reading keys and
+    values in place through the view's pages and mask: (B, Hq * D)."""
+    batch, heads, head_dim = group.batch, q.shape[1], q.shape[2]
+    pages = view.pages(layer_group)  # (B * nb,) int64
+    mask = view.mask.contiguous()  # (B, 1, nb * block_size) bool
+    out = torch.empty(batch, heads * head_dim, dtype=torch.float32)
+    work = batch * heads * mask.shape[-1] * head_dim
+    threads = torch.get_num_threads() if work >= _DECODE_SPLIT_MACS else 1
+    if _decode_library().decode_attention(
+            q.data_ptr(), group.token_index.data_ptr(), q.stride(0), batch, heads, k_cache.shape[2], head_dim,
+            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], pages.data_ptr(), pages.numel() // batch,
+            mask.data_ptr(), scale, softcap or 0.0, out.data_ptr(), threads):
+        raise MemoryError(f"decode_attention: no scratch for {mask.shape[-1]} keys")
+    return out
+
+
+_DECODE_SPLIT_MACS = 1 << 16  # from this much work a decode group splits its (sequence, KV head) pairs
+
+
+@functools.cache
+def _decode_library():
+    """The native decode_attention kernel with its argument types declared; None where it cannot
+    build (the torch form serves, logged once). Calls hold the GIL."""
+    import ctypes
+
+    from gemma_dist.model import native
+
+    try:
+        lib = native.load("decode_attention", hold_gil=True)
+    except native.NativeUnavailable as error:
+        _log.info("decode attention: the torch form (%s)", error)
+        return None
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.decode_attention.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, f32, f32,
+                                     ptr, i64]
+    lib.decode_attention.restype = ctypes.c_int
+    return lib
+
+
 def _native_norm_applies(x: torch.Tensor) -> bool:
     """Whether the native RMSNorm takes this fp32 CPU x: rows of contiguous values, 2 or 3 dims
     (the q/k norm's (T, heads, D) views included), no autograd, and the kernel built here."""
@@ -874,6 +985,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
                      view: KeyView, scale: float, softcap: float | None, layer_group: int) -> torch.Tensor:
     """One attention group's attention, through layer group `layer_group`'s pages: (B * Tq, Hq * D)."""
+    if group.max_q == 1 and q.dtype == torch.float32 and _native_decode_applies(q, k_cache, v_cache):
+        return _native_decode_attention(q, k_cache, v_cache, group, view, scale, softcap, layer_group)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     heads = q.shape[1]
     per_kv = heads // num_kv_heads

@@ -255,3 +255,21 @@ def test_narrow_fp32_heads_get_the_native_greedy_head_and_lose_it_when_their_wei
     assert narrow.argmax_kernel is None  # int8's own head
     set_cpu_kernels(model, prepack=False)
     assert narrow.argmax_kernel is None  # plain weights: the torch head
+
+
+@needs_avx2
+def test_native_rows_argmax_over_written_logits_is_torchs_argmax_with_nan_never_picked():
+    """The int8 LM head writes its logits; their greedy pick is the native row argmax."""
+    torch.manual_seed(4)
+    for shape in ((1, 262_144), (3, 1000), (2, 7)):
+        logits = torch.randn(*shape)
+        values, ids = layers._native_rows_argmax(logits)
+        assert torch.equal(ids, logits.argmax(-1)) and torch.equal(values, logits.amax(-1))
+    strided = torch.randn(4, 300)[:, :257]  # a limit below the vocabulary: rows of stride 300
+    values, ids = layers._native_rows_argmax(strided)
+    assert torch.equal(ids, strided.argmax(-1))
+    logits = torch.zeros(2, 20)
+    logits[0, 3], logits[0, 5], logits[0, 9] = float("nan"), 1.0, 1.0
+    logits[1] = float("-inf")
+    values, ids = layers._native_rows_argmax(logits)
+    assert ids.tolist() == [5, 0] and values[0] == 1.0 and values[1] == float("-inf")
