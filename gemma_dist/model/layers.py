@@ -969,7 +969,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     the block tables of layer group `group`. With
     meta.kernel set, the fused Triton kernel reads the cache in place (CUDA). Otherwise each
     group (all decode rows together, prefill chunks of one shape together) is one masked batched
-    matmul over keys gathered through the block tables. Returns (T, Hq * D) in flat token order.
+    matmul over keys gathered through the block tables, except fp32 CPU decode groups, which the
+    native kernel computes reading the cache in place (`_native_decode_attention`). Returns
+    (T, Hq * D) in flat token order.
     """
     if meta.kernel is not None:
         from gemma_dist.model.paged_attention_kernel import paged_attention_kernel
