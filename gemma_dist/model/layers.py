@@ -679,21 +679,12 @@ def _native_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 @functools.cache
 def _rope_library():
-    """The native rope kernel with its argument types declared; None where it cannot build (the
-    torch form serves, logged once). Calls hold the GIL."""
-    import ctypes
+    """The native rope kernel, typed; None where it cannot build (the torch form serves)."""
+    def declare(lib, i64, ptr):
+        lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
+        lib.rope.restype = None
 
-    from gemma_dist.model import native
-
-    try:
-        lib = native.load("rope", hold_gil=True)
-    except native.NativeUnavailable as error:
-        _log.info("RoPE: the torch form (%s)", error)
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
-    lib.rope.restype = None
-    return lib
+    return _optional_native("rope", "RoPE", declare)
 
 
 # --------------------------------------------------------------------------- parallel linear layers
@@ -890,22 +881,16 @@ _DECODE_SPLIT_MACS = 1 << 16  # from this much work a decode group splits its (s
 
 @functools.cache
 def _decode_library():
-    """The native decode_attention kernel with its argument types declared; None where it cannot
-    build (the torch form serves, logged once). Calls hold the GIL."""
+    """The native decode_attention kernel, typed; None where it cannot build (the torch form serves)."""
     import ctypes
 
-    from gemma_dist.model import native
+    def declare(lib, i64, ptr):
+        f32 = ctypes.c_float
+        lib.decode_attention.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, f32, f32,
+                                         ptr, i64]
+        lib.decode_attention.restype = ctypes.c_int
 
-    try:
-        lib = native.load("decode_attention", hold_gil=True)
-    except native.NativeUnavailable as error:
-        _log.info("decode attention: the torch form (%s)", error)
-        return None
-    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.decode_attention.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, f32, f32,
-                                     ptr, i64]
-    lib.decode_attention.restype = ctypes.c_int
-    return lib
+    return _optional_native("decode_attention", "decode attention", declare)
 
 
 def _native_norm_applies(x: torch.Tensor) -> bool:
@@ -932,20 +917,31 @@ _NORM_SPLIT_VALUES = 1 << 15  # from this many values a norm splits its rows ove
 
 @functools.cache
 def _norm_library():
-    """The native rms_norm kernel with its argument types declared; None where it cannot build (the
-    torch form serves, logged once). Calls hold the GIL: a row takes under a microsecond."""
+    """The native rms_norm kernel, typed; None where it cannot build (the torch form serves). A row
+    takes it under a microsecond."""
+    import ctypes
+
+    def declare(lib, i64, ptr):
+        lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_float, ptr, i64]
+        lib.rms_norm.restype = None
+
+    return _optional_native("rms_norm", "RMSNorm", declare)
+
+
+def _optional_native(name: str, what: str, declare: Callable) -> object | None:
+    """The native kernel `name` (native/<name>.c), its functions typed by declare(lib, c_int64,
+    c_void_p) and holding the GIL while they run (each call is short); None where it cannot build
+    here, logged once (the caller's torch form serves: the same operation)."""
     import ctypes
 
     from gemma_dist.model import native
 
     try:
-        lib = native.load("rms_norm", hold_gil=True)
+        lib = native.load(name, hold_gil=True)
     except native.NativeUnavailable as error:
-        _log.info("RMSNorm: the torch form (%s)", error)
+        _log.info("%s: the torch form (%s)", what, error)
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_float, ptr, i64]
-    lib.rms_norm.restype = None
+    declare(lib, ctypes.c_int64, ctypes.c_void_p)
     return lib
 
 
