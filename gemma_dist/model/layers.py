@@ -383,15 +383,11 @@ class PackedArgmax(CpuKernel):
     @classmethod
     def of(cls, weight: torch.Tensor) -> "PackedArgmax | None":
         """W (V, K) fp32 on CPU, packed; None for another dtype or device, or without the kernel
-        (native.NativeUnavailable: the chunked torch head serves instead, with the same results)."""
-        from gemma_dist.model import native
-
+        (the chunked torch head serves instead, with the same results)."""
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             return None
-        try:
-            lib = _argmax_library()
-        except native.NativeUnavailable as error:
-            _log.info("greedy LM head: torch's chunked form (%s)", error)
+        lib = _argmax_library()
+        if lib is None:
             return None
         vocab, width = weight.shape
         w = weight.detach().contiguous()
@@ -418,13 +414,10 @@ class PackedArgmax(CpuKernel):
 def _native_rows_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(values, ids) of each fp32 CPU row's maximum, its first index (NaN never picked), by the native
     kernel; None where it cannot run (the caller takes torch's argmax)."""
-    from gemma_dist.model import native
-
     if logits.dim() != 2 or logits.stride(1) != 1 or logits.dtype != torch.float32:
         return None
-    try:
-        lib = _argmax_library()
-    except native.NativeUnavailable:
+    lib = _argmax_library()
+    if lib is None:
         return None
     rows = logits.shape[0]
     values, ids = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.int64)
@@ -432,24 +425,21 @@ def _native_rows_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return values, ids
 
 
+@functools.cache
 def _argmax_library():
-    """The native argmax_head kernel with its argument types declared; its calls hold the GIL (as
-    the q8 kernel's do: a Ray worker's other Python threads cannot delay the return)."""
+    """The native argmax_head kernel, typed; None where it cannot build (the torch forms serve).
+    Cached either way: without the kernel, each greedy step no longer retries the build check."""
     import ctypes
 
-    from gemma_dist.model import native
-
-    lib = native.load("argmax_head", hold_gil=True)
-    if not getattr(lib, "_typed", False):
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    def declare(lib, i64, ptr):
         lib.pack_panels.argtypes = [ptr, i64, i64, ptr]
         lib.pack_panels.restype = None
         lib.argmax_head.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr]
         lib.argmax_head.restype = ctypes.c_int
         lib.rows_argmax.argtypes = [ptr, i64, i64, i64, ptr, ptr]
         lib.rows_argmax.restype = None
-        lib._typed = True
-    return lib
+
+    return _optional_native("argmax_head", "greedy LM head", declare)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, kernel: CpuKernel | None = None) -> torch.Tensor:
