@@ -279,14 +279,15 @@ class PackedFp32(CpuKernel):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
 
 
-# int8 (`quantize="int8"`; not exact): weights and activations both int8 with one fp32 scale per
-# _Q8_BLOCK values of the reduction. Teacher-forced top-1 agreement with fp32 on Gemma 3 270M
-# (bench/bench_quality.py, 19,095 tokens): per-row scales reached 78.9% (fbgemm; int8 weights
-# alone 95.8%, 8-bit activations alone 89.4%), blocks of 32 on both sides 96.7%, blocks of 16
-# 97.4%. No kept int8 GEMM takes block scales, hence the native kernel. On AVX2 without VNNI an
-# int8 pair product costs more instructions than an fp32 FMA does, so the mode pays off where the
-# weights' bytes bound the step (single-stream decode: the LM head at M = 1 reads 210 MB instead
-# of 671 MB, 7.9 against 34 ms) and costs time at batch (bench/bench_int8.py has the numbers).
+# int8 (`quantize="int8"`; not exact): weights and activations both int8 with one scale per
+# _Q8_BLOCK values of the reduction (fp32 for activations, fp16 for weights). Teacher-forced
+# top-1 agreement with fp32 on Gemma 3 270M (bench/bench_quality.py, 19,095 tokens): per-row
+# scales reached 78.9% (fbgemm; int8 weights alone 95.8%, 8-bit activations alone 89.4%), blocks
+# of 32 on both sides 96.7%, blocks of 16 97.4% (97.38% with the weights' scales in fp16). No kept
+# int8 GEMM takes block scales, hence the native kernel. On AVX2 without VNNI an int8 pair product
+# costs more instructions than an fp32 FMA does, so the mode pays off where the weights' bytes
+# bound the step (single-stream decode: the LM head at M = 1 reads 189 MB instead of 671 MB,
+# 7.4-8.1 against 34 ms) and costs time at batch (bench/bench_int8.py has the numbers).
 _Q8_BLOCK = 16  # values per int8 scale block along the reduction, on both operands
 # Smaller products run on one thread (OpenMP hand-off: a one-row 640 x 1024 product measured 69 us
 # on one thread, 49 on two).
@@ -294,15 +295,15 @@ _Q8_MIN_SPLIT_MACS = 1 << 16
 
 
 class Int8Blocks(CpuKernel):
-    """x @ W^T with int8 weights and int8 activations, each with one fp32 scale per _Q8_BLOCK
-    values of the reduction (llama.cpp's Q8_0 with half the block), the block sums exact in
+    """x @ W^T with int8 weights and int8 activations, each with one scale per _Q8_BLOCK values of
+    the reduction (fp16 for W, fp32 for x; llama.cpp's Q8_0 with half the block), the block sums exact in
     int32: the native q8_gemm kernel (gemma_dist/model/native/q8_gemm.c), its output rows split
     over torch's thread count by the kernel's own threads. Each output is one fixed sequence of
     operations: batch-invariant. The reduction is zero-padded to a multiple of 32."""
 
     def __init__(self, weight: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, library):
         super().__init__(weight)
-        self.qweight, self.scales = qweight, scales  # (N, Kp) int8, (N, Kp / _Q8_BLOCK) fp32
+        self.qweight, self.scales = qweight, scales  # (N, Kp) int8, (N, Kp / _Q8_BLOCK) fp16
         self.lib = library
         n, width = qweight.shape
         self.panel = max(4, (256 << 10) // width // 4 * 4)  # weight rows per panel: ~256 KB stays in cache
@@ -312,8 +313,7 @@ class Int8Blocks(CpuKernel):
     def of(cls, weight: torch.Tensor) -> "Int8Blocks":
         """Quantize W (N, K) block by block (raises native.NativeUnavailable without the kernel)."""
         lib = _q8_library()
-        w = _pad_to_blocks(weight.detach().float().cpu())
-        qweight, scales = _q8_quantize(lib, w)
+        qweight, scales = _q8_quantize_weight(_pad_to_blocks(weight.detach().float().cpu()))
         return cls(weight, qweight, scales, lib)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -355,12 +355,33 @@ def _pad_to_blocks(x: torch.Tensor) -> torch.Tensor:
 
 
 def _q8_quantize(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of x (M, K) fp32, K a multiple of _Q8_BLOCK → (int8 (M, K), fp32 scales (M, K / _Q8_BLOCK))."""
+    """Activations: rows of x (M, K) fp32, K a multiple of _Q8_BLOCK → (int8 (M, K), fp32 scales
+    (M, K / _Q8_BLOCK)), as q8_linear quantizes its x."""
     rows, width = x.shape
     q = torch.empty(rows, width, dtype=torch.int8)
     d = torch.empty(rows, width // _Q8_BLOCK, dtype=torch.float32)
     lib.q8_quantize(x.data_ptr(), rows, width, width, q.data_ptr(), d.data_ptr())
     return q, d
+
+
+def _q8_quantize_weight(w: torch.Tensor, rows_per_pass: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights: W (N, K) fp32, K a multiple of _Q8_BLOCK → int8 codes (N, K) and fp16 scales (N, K /
+    _Q8_BLOCK). Per block: scale = max |w| / 127 rounded to fp16, codes = w / scale (the rounded one)
+    rounded to the nearest integer, ties to even, within [-127, 127]; a zero block has scale 0 and
+    codes 0. fp16 scales: at M = 1 the product streams the weights, and fp32 ones were a fifth of
+    their bytes. `rows_per_pass` bounds the temporaries (the LM head is 262,144 rows)."""
+    rows, width = w.shape
+    codes = torch.empty(rows, width, dtype=torch.int8)
+    scales = torch.empty(rows, width // _Q8_BLOCK, dtype=torch.float16)
+    for start in range(0, rows, rows_per_pass):
+        blocks = w[start: start + rows_per_pass].reshape(-1, width // _Q8_BLOCK, _Q8_BLOCK)
+        # (rows, blocks); a weight beyond ±127 * 65504 (no real checkpoint's) saturates at fp16's largest scale
+        half = (blocks.abs().amax(dim=2) / 127.0).clamp_(max=65504.0).to(torch.float16)
+        scale = half.float()[..., None]
+        q = torch.where(scale > 0, blocks / scale, torch.zeros((), dtype=blocks.dtype))
+        codes[start: start + rows_per_pass] = torch.round(q).clamp_(-127, 127).to(torch.int8).reshape(-1, width)
+        scales[start: start + rows_per_pass] = half
+    return codes, scales
 
 
 # The greedy LM head of a narrow fp32 model (hidden below _LM_HEAD_KERNEL_MIN_HIDDEN: the overhead

@@ -1,10 +1,10 @@
 """The int8 mode (layers.Int8Blocks over the native q8_gemm kernel).
 
-Weights and activations are int8 with one fp32 scale per block of _Q8_BLOCK values along the
-reduction; the block sums are exact integers. The kernel must compute exactly that arithmetic
-(checked against a float64 reference of the same quantized operands), give each row the same bits
-whatever shares its call or however many threads run, and the int8 model must follow the exact
-model wherever the reference's choice is clear.
+Weights and activations are int8 with one scale per block of _Q8_BLOCK values along the
+reduction (fp32 for activations, fp16 for weights); the block sums are exact integers. The kernel
+must compute exactly that arithmetic (checked against a float64 reference of the same quantized
+operands), give each row the same bits whatever shares its call or however many threads run, and
+the int8 model must follow the exact model wherever the reference's choice is clear.
 """
 
 from __future__ import annotations
@@ -30,10 +30,21 @@ def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.clamp(-127, 127).to(torch.int8).reshape(rows, width), (amax / 127.0).squeeze(2)
 
 
+def reference_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and block: scale = max|w| / 127 rounded to fp16, codes = w / that scale rounded to
+    nearest (ties to even) within [-127, 127], in float64 from the fp16 scale."""
+    rows, width = w.shape
+    blocks = w.double().reshape(rows, width // BLOCK, BLOCK)
+    scale = (w.reshape(rows, width // BLOCK, BLOCK).abs().amax(dim=2) / 127.0).half()
+    s = scale.double()[..., None]
+    codes = torch.where(s > 0, blocks / s, torch.zeros((), dtype=torch.float64))
+    return torch.round(codes).clamp(-127, 127).to(torch.int8).reshape(rows, width), scale
+
+
 def reference_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum over blocks of x_scale * w_scale * (int dot of the codes), in float64."""
     xq, xd = reference_quantize(layers._pad_to_blocks(x))
-    wq, wd = reference_quantize(layers._pad_to_blocks(w))
+    wq, wd = reference_quantize_weight(layers._pad_to_blocks(w))
     rows, width = xq.shape
     xb = xq.double().reshape(rows, -1, BLOCK)
     wb = wq.double().reshape(w.shape[0], -1, BLOCK)
@@ -51,6 +62,24 @@ def test_activations_quantize_to_the_reference_codes_and_scales():
     want_q, want_d = reference_quantize(x)
     assert torch.equal(q, want_q) and torch.equal(d, want_d.float())
     assert d[1, 0] == 0 and not q[1, :BLOCK].any()
+
+
+def test_weights_quantize_to_fp16_scales_and_the_codes_of_those_scales():
+    torch.manual_seed(1)
+    w = torch.randn(9, 8 * BLOCK) * 0.05
+    w[0, :BLOCK] = 0.0  # a zero block: scale 0, codes 0
+    w[1, BLOCK: 2 * BLOCK] = 1e-3 * (torch.arange(BLOCK) - BLOCK // 2)  # max |w| / 127 is not an fp16 value
+    w[2, 3] = 300.0  # an outlier: only its own block loses resolution
+    q, d = layers._q8_quantize_weight(w, rows_per_pass=4)  # several passes
+    want_q, want_d = reference_quantize_weight(w)
+    assert d.dtype == torch.float16 and torch.equal(d, want_d)
+    assert torch.equal(q, want_q) and q.abs().max() <= 127
+    assert d[0, 0] == 0 and not q[0, :BLOCK].any()
+    # Each weight is within half a step of its block's (fp16) scale, clamping aside.
+    error = (q.float() * d.float().repeat_interleave(BLOCK, dim=1) - w).abs()
+    assert (error <= d.float().repeat_interleave(BLOCK, dim=1) * 0.51 + 1e-9).all()
+    huge_q, huge_d = layers._q8_quantize_weight(torch.full((1, BLOCK), 1e9))  # beyond fp16's scales: saturates
+    assert huge_d[0, 0] == 65504 and (huge_q == 127).all()
 
 
 @pytest.mark.parametrize("rows,out,width", [(1, 64, 128), (7, 37, 96), (33, 130, 40)])  # 40: padded to blocks

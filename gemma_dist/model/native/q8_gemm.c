@@ -1,19 +1,23 @@
 /* Block-quantized int8 matrix products for the CPU int8 mode (x86-64, AVX2 + FMA).
  *
- * Both operands are int8 with one fp32 scale per block of QB values along the reduction:
- * x (M, K) -> xq (M, K) int8, xd (M, K / QB) fp32, and likewise W (N, K). Then
+ * Both operands are int8 with one scale per block of QB values along the reduction: x (M, K) ->
+ * xq (M, K) int8, xd (M, K / QB) fp32, and W (N, K) -> wq (N, K) int8, wd (N, K / QB) fp16 (IEEE
+ * half bits, widened by F16C: at M = 1 the product streams the weights from memory, and fp32 scales
+ * were a fifth of its bytes at QB 16; the 262,144 x 640 LM head at M = 1 measured 7.4-8.1 ms with
+ * fp16 scales against 9.3-10.5 with fp32 ones, alternating processes on a 2-core EPYC). Then
  *     y[m, n] = sum over blocks b of xd[m, b] * wd[n, b] * sum_{i in b} xq[m, i] * wq[n, i],
  * the inner sums exact in int32 (AVX2 has no int8 dot instruction without VNNI: |w| (u8) times
  * x * sign(w) (s8) by maddubs gives int16 pair sums, at most 2 * 127 * 127 < 2^15, so nothing
  * saturates while values stay in [-127, 127]; madd with ones widens them to int32).
  * Each y[m, n] is one fixed sequence of operations whatever M, N or the tiling: batch-invariant.
  *
- * Built by gemma_dist/model/native/__init__.py (-O3 -mavx2 -mfma -fopenmp -DQB=<block>); called
+ * Built by gemma_dist/model/native/__init__.py (-O3 -mavx2 -mfma -mf16c -fopenmp -DQB=<block>); called
  * through ctypes.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifndef QB
 #define QB 32
@@ -68,6 +72,18 @@ static inline __m256 chunk_scales(const float *d, int64_t j) {
 #endif
 }
 
+/* chunk_scales of a weight row's fp16 scales (d: half bits), widened to fp32. */
+static inline __m256 chunk_scales_h(const uint16_t *d, int64_t j) {
+#if QB == 32
+    return _mm256_set1_ps(_cvtsh_ss(d[j]));
+#else
+    int32_t pair;  /* blocks 2j, 2j + 1 */
+    memcpy(&pair, d + 2 * j, sizeof pair);
+    const __m256 two = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(pair)));
+    return _mm256_permutevar8x32_ps(two, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+#endif
+}
+
 /* 8 int32 lanes of pair products of one 32-byte chunk: x (s8) times w (s8). */
 static inline __m256 chunk_dot(__m256i aw, __m256i w, __m256i x) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -85,11 +101,11 @@ static inline float hsum(__m256 v) {
 #define LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
 
 /* y rows m, m + 1 at columns n .. n + 3 (rows past n_end are computed from row n, not stored). */
-static void tile_2x4(const int8_t *xq, const float *xd, int64_t k, const int8_t *wq, const float *wd,
+static void tile_2x4(const int8_t *xq, const float *xd, int64_t k, const int8_t *wq, const uint16_t *wd,
                      int64_t n, int64_t n_end, float *y, int64_t ldy) {
     const int64_t chunks = k / 32, blocks = k / QB;
     const int8_t *w[4];
-    const float *s[4];
+    const uint16_t *s[4];
     for (int r = 0; r < 4; r++) {
         const int64_t row = n + r < n_end ? n + r : n;
         w[r] = wq + row * k;
@@ -105,7 +121,7 @@ static void tile_2x4(const int8_t *xq, const float *xd, int64_t k, const int8_t 
 #define ROW(r, acc0, acc1)                                                                    \
         {                                                                                     \
             const __m256i wv = LOAD(w[r] + 32 * j), aw = _mm256_sign_epi8(wv, wv);            \
-            const __m256 ws = chunk_scales(s[r], j);                                          \
+            const __m256 ws = chunk_scales_h(s[r], j);                                        \
             acc0 = _mm256_fmadd_ps(chunk_dot(aw, wv, xv0), _mm256_mul_ps(xs0, ws), acc0);     \
             acc1 = _mm256_fmadd_ps(chunk_dot(aw, wv, xv1), _mm256_mul_ps(xs1, ws), acc1);     \
         }
@@ -120,18 +136,18 @@ static void tile_2x4(const int8_t *xq, const float *xd, int64_t k, const int8_t 
 /* y[n0:n1] of one x row: the weight rows one after another, a single sequential stream (at M = 1
  * the product streams the weights once, from memory: tiles of 4 interleaved rows measured 4.8
  * GB/s there, this ~12). The same operations per output as tile_2x4: bitwise its results. */
-static void row_by_row(const int8_t *xq, const float *xd, int64_t k, const int8_t *wq, const float *wd,
+static void row_by_row(const int8_t *xq, const float *xd, int64_t k, const int8_t *wq, const uint16_t *wd,
                        int64_t n0, int64_t n1, float *y) {
     const int64_t chunks = k / 32, blocks = k / QB;
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *w = wq + n * k;
-        const float *s = wd + n * blocks;
+        const uint16_t *s = wd + n * blocks;
         _mm_prefetch((const char *)(w + 4 * k), _MM_HINT_T0);
         __m256 acc = _mm256_setzero_ps();
         for (int64_t j = 0; j < chunks; j++) {
             const __m256i wv = LOAD(w + 32 * j), aw = _mm256_sign_epi8(wv, wv);
             acc = _mm256_fmadd_ps(chunk_dot(aw, wv, LOAD(xq + 32 * j)),
-                                  _mm256_mul_ps(chunk_scales(xd, j), chunk_scales(s, j)), acc);
+                                  _mm256_mul_ps(chunk_scales(xd, j), chunk_scales_h(s, j)), acc);
         }
         y[n] = hsum(acc);
     }
@@ -140,7 +156,7 @@ static void row_by_row(const int8_t *xq, const float *xd, int64_t k, const int8_
 /* y[:, n0:n1] (M rows, row stride ldy) of the block-quantized x (M, K) and W (N, K); K a multiple
  * of 32. Columns are visited in panels of `panel` weight rows so a panel stays in cache while
  * every x row passes over it. */
-void q8_gemm(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8_t *wq, const float *wd,
+void q8_gemm(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8_t *wq, const uint16_t *wd,
              int64_t n0, int64_t n1, int64_t panel, float *y, int64_t ldy) {
     const int64_t blocks = k / QB;
     if (m == 1) {
@@ -158,23 +174,27 @@ void q8_gemm(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8
     }
 }
 
-/* q8_gemm over `threads` OpenMP threads, the columns split in whole 4-row tiles, each range by one
- * thread (so every output is still one fixed sequence of operations). In a torch process the team
- * is torch's own (the same libgomp.so.1), already started and waiting, so even a one-row product of
- * a decode step splits profitably: 1536 x 640 at M = 1 measured 103 us on one thread and 81 on two,
- * where two threads by a pthread create + join per call took 152 (against 73 on one). Reached
- * through q8_linear, called with the GIL held (ctypes.PyDLL), so no other Python thread of the
- * caller's process (a Ray worker has several) can delay the return (layers._q8_library). */
-void q8_gemm_threads(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8_t *wq, const float *wd,
+/* q8_gemm over `threads` OpenMP threads, the columns cut into CHUNKS_PER_THREAD ranges of whole
+ * 4-row tiles per thread, taken as threads come free (a thread the OS deschedules, when other
+ * processes of a served replica share the cores, delays one small range, not its static half);
+ * each range by one thread, so every output is still one fixed sequence of operations. In a torch
+ * process the team is torch's own (the same libgomp.so.1), already started and waiting, so even a
+ * one-row product of a decode step splits profitably: 1536 x 640 at M = 1 measured 103 us on one
+ * thread and 81 on two, where two threads by a pthread create + join per call took 152 (against 73
+ * on one). Reached through q8_linear, called with the GIL held (ctypes.PyDLL), so no other Python
+ * thread of the caller's process (a Ray worker has several) can delay the return (layers._q8_library). */
+#define CHUNKS_PER_THREAD 4
+void q8_gemm_threads(const int8_t *xq, const float *xd, int64_t m, int64_t k, const int8_t *wq, const uint16_t *wd,
                      int64_t n, int64_t panel, float *y, int64_t ldy, int64_t threads) {
     if (threads < 1) threads = 1;
     if (threads == 1) {
         q8_gemm(xq, xd, m, k, wq, wd, 0, n, panel, y, ldy);
         return;
     }
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int64_t t = 0; t < threads; t++) {
-        const int64_t a = (n * t / threads + 3) / 4 * 4, b = (n * (t + 1) / threads + 3) / 4 * 4;
+    const int64_t chunks = threads * CHUNKS_PER_THREAD;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t a = (n * c / chunks + 3) / 4 * 4, b = (n * (c + 1) / chunks + 3) / 4 * 4;
         if (a < b && a < n) q8_gemm(xq, xd, m, k, wq, wd, a, b < n ? b : n, panel, y, ldy);
     }
 }
@@ -183,7 +203,7 @@ void q8_gemm_threads(const int8_t *xq, const float *xd, int64_t m, int64_t k, co
  * x quantized into scratch of its own (q8_quantize), then q8_gemm_threads. One call where a
  * decode step's one-row products would otherwise pay for two calls and two torch allocations.
  * Returns 0, or -1 when the scratch could not be allocated (y untouched). */
-int q8_linear(const float *x, int64_t m, int64_t k, const int8_t *wq, const float *wd, int64_t n, int64_t panel,
+int q8_linear(const float *x, int64_t m, int64_t k, const int8_t *wq, const uint16_t *wd, int64_t n, int64_t panel,
               float *y, int64_t threads) {
     int8_t *xq = (int8_t *)malloc((size_t)(m * k));
     float *xd = (float *)malloc((size_t)(m * (k / QB)) * sizeof(float));
