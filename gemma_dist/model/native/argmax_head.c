@@ -110,36 +110,42 @@ static void panel_range(const float *x, int64_t m, int64_t k, const float *packe
 
 /* best (M,), id (M,) = the largest logit of each row of x (M, K) contiguous over columns below
  * `limit` of packed W (pack_panels) and its lowest index; (-inf, 0) where no logit beats -inf.
- * The panels are split over `threads` OpenMP threads in contiguous ranges (torch's own thread
- * team: the same libgomp). Returns 0, or -1 when the per-thread scratch could not be allocated. */
+ * The panels are cut into CHUNKS_PER_THREAD contiguous ranges per thread, which `threads` OpenMP
+ * threads (torch's own team: the same libgomp) take as they come free: a thread the OS deschedules
+ * (other processes of a served replica share the cores) delays one small range, not half the
+ * product. Each range's winners go to its own slot, merged in range order: the result does not
+ * depend on which thread took what. Returns 0, or -1 when the scratch could not be allocated. */
+#define CHUNKS_PER_THREAD 8
 int argmax_head(const float *x, int64_t m, int64_t k, const float *packed, int64_t limit, int64_t threads,
                 float *best, int64_t *id) {
     const int64_t panels = (limit + NR - 1) / NR;
     if (threads < 1) threads = 1;
-    if (threads > panels) threads = panels > 0 ? panels : 1;
-    float *bests = (float *)malloc((size_t)(threads * m) * sizeof(float));
-    int64_t *ids = (int64_t *)malloc((size_t)(threads * m) * sizeof(int64_t));
+    int64_t chunks = threads == 1 ? 1 : threads * CHUNKS_PER_THREAD;
+    if (chunks > panels) chunks = panels > 0 ? panels : 1;
+    if (threads > chunks) threads = chunks;
+    float *bests = (float *)malloc((size_t)(chunks * m) * sizeof(float));
+    int64_t *ids = (int64_t *)malloc((size_t)(chunks * m) * sizeof(int64_t));
     if (bests == NULL || ids == NULL) {
         free(bests);
         free(ids);
         return -1;
     }
-    for (int64_t i = 0; i < threads * m; i++) {
+    for (int64_t i = 0; i < chunks * m; i++) {
         bests[i] = -INFINITY;
         ids[i] = 0;
     }
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int64_t t = 0; t < threads; t++) {
-        const int64_t p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
-        panel_range(x, m, k, packed, p0, p1, limit, bests + t * m, ids + t * m);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t p0 = panels * c / chunks, p1 = panels * (c + 1) / chunks;
+        panel_range(x, m, k, packed, p0, p1, limit, bests + c * m, ids + c * m);
     }
     for (int64_t r = 0; r < m; r++) {
         best[r] = -INFINITY;
         id[r] = 0;
-        for (int64_t t = 0; t < threads; t++) { /* range order: an equal later maximum keeps the first */
-            if (bests[t * m + r] > best[r]) {
-                best[r] = bests[t * m + r];
-                id[r] = ids[t * m + r];
+        for (int64_t c = 0; c < chunks; c++) { /* range order: an equal later maximum keeps the first */
+            if (bests[c * m + r] > best[r]) {
+                best[r] = bests[c * m + r];
+                id[r] = ids[c * m + r];
             }
         }
     }

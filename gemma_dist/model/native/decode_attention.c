@@ -106,7 +106,9 @@ int decode_attention(const float *q, const int64_t *rows, int64_t q_stride, int6
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *scores = (float *)malloc((size_t)keys * sizeof(float));
-#pragma omp for schedule(static)
+        /* Taken as threads come free (each task's output is its own: no order to keep), so a
+         * thread the OS deschedules delays a few tasks, not its static half. */
+#pragma omp for schedule(dynamic, 4)
         for (int64_t t = 0; t < tasks; t++) { /* every thread meets the loop, even one without scratch */
             if (scores == NULL) {
                 failed = 1;
