@@ -437,9 +437,10 @@ class LLMEngine:
         now = time.monotonic()
         sampled = []
         for item in plan.scheduled:
-            request = self._requests[item.seq.request_id]
-            if request.queue_seconds is None:
-                request.queue_seconds = now - request.arrival
+            if item.seq.slot is None:  # its first step (or its first since a preemption)
+                request = self._requests[item.seq.request_id]
+                if request.queue_seconds is None:
+                    request.queue_seconds = now - request.arrival
             if item.samples:
                 sampled.append(item.seq)
         step_plan = self._step_plan(plan)
@@ -470,15 +471,17 @@ class LLMEngine:
         appended = []
         for seq, token, logprob in zip(in_flight.sampled, result.token_ids, result.logprobs):
             seq.pending_tokens -= 1
-            if seq.is_finished:  # stopped (stop string, abort, an earlier token) while this step ran: dropped
+            if seq.finish_reason is not None:  # stopped (stop string, abort, earlier token) meanwhile: dropped
                 continue
             seq.output_token_ids.append(token)
             if logprob is not None:
                 seq.logprobs.append(logprob)
-            seq.finish_reason = finish_on_token(seq, token)
-            self._release_if_waiting(seq)
+            reason = finish_on_token(seq, token)
+            if reason is not None:
+                seq.finish_reason = reason
+                self._release(seq)
             appended.append(seq)
-        self._release_finished()
+        self._note_if_idle()
         self.times.postprocess += time.perf_counter() - waited
         return appended, in_flight.deltas
 
@@ -500,21 +503,19 @@ class LLMEngine:
                                            len(seq.prompt_token_ids), len(seq.output_token_ids)))
             if seq.is_finished:
                 self._forget(seq.request_id)
-                self._release_if_waiting(seq)
-        self._release_finished()
+                self._release(seq)
+        self._note_if_idle()
         self.times.postprocess += time.perf_counter() - start
         return deltas
 
-    def _release_if_waiting(self, seq: Sequence) -> None:
-        """Free a finished sequence that waits to resume (it was preempted while the step that
-        finished it ran); finished running ones go in `_release_finished`."""
-        if seq.is_finished and seq not in self.scheduler.running:
-            self.scheduler.release(seq)
-            self._free_slot(seq)
+    def _release(self, seq: Sequence) -> None:
+        """Free a sequence that just finished, wherever it is: running, or waiting to resume (it
+        was preempted while the step that finished it ran); nothing if it is already released.
+        Only the step's finished sequences are visited, never the whole running set."""
+        self.scheduler.release(seq)
+        self._free_slot(seq)
 
-    def _release_finished(self) -> None:
-        for seq in self.scheduler.release_finished():
-            self._free_slot(seq)
+    def _note_if_idle(self) -> None:
         if not self.scheduler.has_unfinished:
             self.times.went_idle()  # the runner's wait for new requests is not host overhead
 
