@@ -187,7 +187,9 @@ def test_native_greedy_head_breaks_ties_to_the_lowest_id_within_and_across_panel
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            for tied in ([3, 9], [17, 40], [vocab - 1, vocab // 2 + 1], [vocab // 2 - 3, vocab // 2 + 5, 7]):
+            # The threads take id ranges in any order (on 2 threads 16 ranges of 256 ids): ties across them too.
+            for tied in ([3, 9], [17, 40], [vocab - 1, vocab // 2 + 1], [vocab // 2 - 3, vocab // 2 + 5, 7],
+                         [255, 256], [9 * 256 + 4, 5 * 256 + 1, 12 * 256]):
                 w = torch.zeros(vocab, 8)
                 w[tied] = 1.0
                 with torch.inference_mode():
