@@ -1,4 +1,4 @@
-/* Block-quantized int8 matrix products for the CPU int8 mode (x86-64, AVX2 + FMA).
+/* Block-quantized int8 matrix products for the CPU int8 mode (x86-64, AVX2 + FMA + F16C).
  *
  * Both operands are int8 with one scale per block of QB values along the reduction: x (M, K) ->
  * xq (M, K) int8, xd (M, K / QB) fp32, and W (N, K) -> wq (N, K) int8, wd (N, K / QB) fp16 (IEEE
