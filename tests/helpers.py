@@ -74,6 +74,18 @@ def forward_chunks(model, kv_cache, block_table: list[int], token_ids: list[int]
     return torch.cat(outs)
 
 
+def shuffled_block_tables(order: list[int], cached: list[int], query_lens: list[int],
+                          block_size: int) -> list[list[int]]:
+    """Each sequence's block table for its cached + new tokens: consecutive runs of `order` (page ids
+    in a shuffled order, so the pages of a table are out of position order in the cache)."""
+    tables, used = [], 0
+    for c, n in zip(cached, query_lens):
+        need = -(-(c + n) // block_size)
+        tables.append(order[used: used + need])
+        used += need
+    return tables
+
+
 def teacher_forced_logits(model, prompt: list[int], continuation: list[int], block_size: int = 16) -> torch.Tensor:
     """fp32 logits (len(continuation), vocab) of `model` predicting each continuation token, with the
     whole prompt + continuation fed in one forward (teacher forcing: both models see the same tokens)."""

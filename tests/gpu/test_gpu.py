@@ -33,16 +33,13 @@ def tiny_gemma3(tmp_path_factory):
 def test_kernel_equals_gather_path_on_cuda_bf16():
     from gemma_dist.model.attention import build_attention_metadata, write_kv
     from gemma_dist.model.layers import paged_attention
+    from tests.helpers import shuffled_block_tables
 
     g = torch.Generator().manual_seed(0)
     block, blocks, heads, kv_heads, dim = 16, 64, 8, 2, 256
     query_lens, cached = [1, 1, 37], [100, 7, 250]
     order = torch.randperm(blocks, generator=g).tolist()
-    tables, used = [], 0
-    for q, c in zip(query_lens, cached):
-        n = -(-(q + c) // block)
-        tables.append(order[used:used + n])
-        used += n
+    tables = shuffled_block_tables(order, cached, query_lens, block)
     t = sum(query_lens)
     k_cache = torch.randn(blocks, block, kv_heads, dim, generator=g).cuda().bfloat16()
     v_cache = torch.randn(blocks, block, kv_heads, dim, generator=g).cuda().bfloat16()

@@ -15,6 +15,7 @@ import torch
 from gemma_dist.model import layers
 from gemma_dist.model.attention import build_attention_metadata
 from gemma_dist.model.native import cpu_has_avx2
+from tests.helpers import shuffled_block_tables
 
 pytestmark = pytest.mark.skipif(not cpu_has_avx2(), reason="native decode attention needs AVX2 + FMA (x86-64)")
 BLOCK = 4
@@ -26,12 +27,7 @@ def step(cached: list[int], query_lens: list[int], hkv: int, d: int, seed: int =
     k_cache = torch.randn(pages, BLOCK, hkv, d, generator=gen)
     v_cache = torch.randn(pages, BLOCK, hkv, d, generator=gen)
     order = torch.randperm(pages, generator=gen).tolist()
-    tables, used = [], 0
-    for c, n in zip(cached, query_lens):
-        need = -(-(c + n) // BLOCK)
-        tables.append(order[used:used + need])
-        used += need
-    return k_cache, v_cache, tables
+    return k_cache, v_cache, shuffled_block_tables(order, cached, query_lens, BLOCK)
 
 
 def attention(q, k_cache, v_cache, meta, local, softcap, native: bool, monkeypatch):

@@ -20,7 +20,7 @@ from gemma_dist.engine.model_runner import ModelRunner, StepInput  # noqa: E402
 from gemma_dist.model.attention import build_attention_metadata, write_kv  # noqa: E402
 from gemma_dist.model.layers import paged_attention  # noqa: E402
 from gemma_dist.model.loading import load_model, open_checkpoint  # noqa: E402
-from tests.helpers import make_tiny_hf_checkpoint, top1_margins  # noqa: E402
+from tests.helpers import make_tiny_hf_checkpoint, shuffled_block_tables, top1_margins  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,12 +30,7 @@ def _scattered_step(block_size: int, num_blocks: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(num_blocks, generator=g).tolist()
     query_lens, cached = [1, 7, 1], [13, 9, 30]
-    tables, used = [], 0
-    for q, c in zip(query_lens, cached):
-        n = -(-(q + c) // block_size)
-        tables.append(order[used: used + n])
-        used += n
-    return query_lens, cached, tables
+    return query_lens, cached, shuffled_block_tables(order, cached, query_lens, block_size)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 1), (4, 2), (4, 4)])

@@ -81,6 +81,15 @@ static void attend(const Cache *c, int64_t b, int64_t h, const float *q, float *
     }
 }
 
+/* Task t = (sequence b, KV head h): every query head of b that reads h, from q[rows[b]] (hq, d)
+ * into out (B, hq * d). */
+static void attend_task(const Cache *c, int64_t t, const float *q, const int64_t *rows, int64_t q_stride, int64_t hq,
+                        float *out, float *scores) {
+    const int64_t b = t / c->hkv, h = t % c->hkv, per_kv = hq / c->hkv, d = c->d;
+    for (int64_t i = 0; i < per_kv; i++)
+        attend(c, b, h, q + rows[b] * q_stride + (h * per_kv + i) * d, out + (b * hq + h * per_kv + i) * d, scores);
+}
+
 /* out (B, hq * d) = attention of query rows q[rows[b]] (each (hq, d), row stride q_stride floats)
  * over the cache; query head qh reads KV head qh / (hq / hkv). The (sequence, KV head) pairs split
  * over `threads` OpenMP threads (torch's own team) when given more than one. Returns 0, or -1 when
@@ -89,17 +98,12 @@ int decode_attention(const float *q, const int64_t *rows, int64_t q_stride, int6
                      int64_t d, const float *k_cache, const float *v_cache, int64_t block_size, const int64_t *pages,
                      int64_t nb, const uint8_t *mask, float scale, float softcap, float *out, int64_t threads) {
     const Cache c = {k_cache, v_cache, block_size, hkv, d, pages, nb, mask, scale, softcap};
-    const int64_t per_kv = hq / hkv, tasks = batch * hkv, keys = nb * block_size;
+    const int64_t tasks = batch * hkv, keys = nb * block_size;
     int failed = 0;
     if (threads < 2 || tasks < 2) {
         float *scores = (float *)malloc((size_t)keys * sizeof(float));
         if (scores == NULL) return -1;
-        for (int64_t t = 0; t < tasks; t++) {
-            const int64_t b = t / hkv, h = t % hkv;
-            for (int64_t i = 0; i < per_kv; i++)
-                attend(&c, b, h, q + rows[b] * q_stride + (h * per_kv + i) * d, out + (b * hq + h * per_kv + i) * d,
-                       scores);
-        }
+        for (int64_t t = 0; t < tasks; t++) attend_task(&c, t, q, rows, q_stride, hq, out, scores);
         free(scores);
         return 0;
     }
@@ -114,10 +118,7 @@ int decode_attention(const float *q, const int64_t *rows, int64_t q_stride, int6
                 failed = 1;
                 continue;
             }
-            const int64_t b = t / hkv, h = t % hkv;
-            for (int64_t i = 0; i < per_kv; i++)
-                attend(&c, b, h, q + rows[b] * q_stride + (h * per_kv + i) * d, out + (b * hq + h * per_kv + i) * d,
-                       scores);
+            attend_task(&c, t, q, rows, q_stride, hq, out, scores);
         }
         free(scores);
     }

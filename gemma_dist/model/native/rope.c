@@ -32,6 +32,13 @@ static void rotate(const float *row, const float *c, const float *s, int64_t d, 
     }
 }
 
+/* Row r = (token r / heads, head r % heads) of x into y's row r. */
+static void rotate_row(const float *x, int64_t r, int64_t heads, int64_t s_t, int64_t s_h, int64_t d,
+                       const float *cos, const float *ssin, float *y) {
+    const int64_t token = r / heads;
+    rotate(x + token * s_t + (r % heads) * s_h, cos + token * d, ssin + token * d, d, y + r * d);
+}
+
 /* y (T, heads, d) contiguous from rows x[t * s_t + h * s_h + 0 .. d - 1] and tables cos, ssin (T, d)
  * contiguous; d even. The rows split over `threads` OpenMP threads when given more than one (one
  * thread: no parallel region, see rms_norm.c). */
@@ -39,12 +46,9 @@ void rope(const float *x, int64_t t, int64_t heads, int64_t s_t, int64_t s_h, in
           const float *ssin, float *y, int64_t threads) {
     const int64_t rows = t * heads;
     if (threads < 2 || rows < 2) {
-        for (int64_t r = 0; r < rows; r++)
-            rotate(x + (r / heads) * s_t + (r % heads) * s_h, cos + (r / heads) * d, ssin + (r / heads) * d, d,
-                   y + r * d);
+        for (int64_t r = 0; r < rows; r++) rotate_row(x, r, heads, s_t, s_h, d, cos, ssin, y);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        rotate(x + (r / heads) * s_t + (r % heads) * s_h, cos + (r / heads) * d, ssin + (r / heads) * d, d, y + r * d);
+    for (int64_t r = 0; r < rows; r++) rotate_row(x, r, heads, s_t, s_h, d, cos, ssin, y);
 }
