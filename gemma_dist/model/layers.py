@@ -354,16 +354,6 @@ def _pad_to_blocks(x: torch.Tensor) -> torch.Tensor:
     return (F.pad(x, (0, pad)) if pad else x).contiguous()
 
 
-def _q8_quantize(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations: rows of x (M, K) fp32, K a multiple of _Q8_BLOCK → (int8 (M, K), fp32 scales
-    (M, K / _Q8_BLOCK)), as q8_linear quantizes its x."""
-    rows, width = x.shape
-    q = torch.empty(rows, width, dtype=torch.int8)
-    d = torch.empty(rows, width // _Q8_BLOCK, dtype=torch.float32)
-    lib.q8_quantize(x.data_ptr(), rows, width, width, q.data_ptr(), d.data_ptr())
-    return q, d
-
-
 def _q8_quantize_weight(w: torch.Tensor, rows_per_pass: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights: W (N, K) fp32, K a multiple of _Q8_BLOCK → int8 codes (N, K) and fp16 scales (N, K /
     _Q8_BLOCK). Per block: scale = max |w| / 127 rounded to fp16, codes = w / scale (the rounded one)

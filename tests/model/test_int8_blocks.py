@@ -52,13 +52,22 @@ def reference_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (dots * xd.double()[:, None, :] * wd.double()[None, :, :]).sum(dim=2)
 
 
+def kernel_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's own activation quantizer (q8_quantize, as q8_linear runs it on x): codes, fp32 scales."""
+    rows, width = x.shape
+    q = torch.empty(rows, width, dtype=torch.int8)
+    d = torch.empty(rows, width // BLOCK, dtype=torch.float32)
+    layers._q8_library().q8_quantize(x.data_ptr(), rows, width, width, q.data_ptr(), d.data_ptr())
+    return q, d
+
+
 def test_activations_quantize_to_the_reference_codes_and_scales():
     torch.manual_seed(0)
     x = torch.randn(5, 6 * BLOCK)
     x[1, :BLOCK] = 0.0  # a zero block: scale 0, codes 0
     x[2, BLOCK: 2 * BLOCK] = torch.arange(BLOCK) - (BLOCK - 1) / 2  # exact halves: ties to even (scale 1)
     x[2, BLOCK] = 127.0
-    q, d = layers._q8_quantize(layers._q8_library(), x.contiguous())
+    q, d = kernel_quantize(x.contiguous())
     want_q, want_d = reference_quantize(x)
     assert torch.equal(q, want_q) and torch.equal(d, want_d.float())
     assert d[1, 0] == 0 and not q[1, :BLOCK].any()
