@@ -19,8 +19,8 @@ from torch import nn
 from gemma_dist.config import AttentionKind, ModelConfig
 from gemma_dist.model.attention import AttentionMetadata, KVCache, write_kv
 from gemma_dist.model.layers import (
-    ColumnParallelLinear, ParallelContext, RMSNorm, RowParallelLinear, ShardSpec,
-    VocabParallelEmbedding, apply_rope, gelu_tanh, paged_attention, rope_cos_sin, split_evenly,
+    ColumnParallelLinear, ParallelContext, RMSNorm, RowParallelLinear, ShardSpec, VocabParallelEmbedding,
+    apply_rope, gelu_tanh, native_attention_prologue, paged_attention, residual_norm, rope_cos_sin, split_evenly,
 )
 
 
@@ -70,17 +70,30 @@ class GemmaAttention(nn.Module):
                 cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, group: int = 0) -> torch.Tensor:
         """(T, H) → (T, H): project, QK-norm, RoPE, write K/V to the cache (the pages of layer group
         `group`), attend, project out."""
-        q, k, v = self.qkv_proj.split_segments(self.qkv_proj(x))
+        qkv = self.qkv_proj(x)
+        slots = meta.slot_mapping[group]
+        q = None
+        if self.qkv_proj.held == 1:  # one native call on fp32 CPU; None elsewhere
+            q = native_attention_prologue(qkv, self.num_heads, self.num_kv_heads, self.q_norm, self.k_norm, *rope,
+                                          *cache, slots)
+        if q is None:
+            q = self._prologue(qkv, rope, cache, slots)
+        out = paged_attention(q, cache[0], cache[1], meta, self.kind is AttentionKind.LOCAL,
+                              self.scale, self.softcap, group)  # (T, Hq*D)
+        return self.o_proj(out)
+
+    def _prologue(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                  cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+        """qkv (T, fused width) → q (T, Hq, D): split, QK-norm, RoPE, and the new K/V written at `slots`."""
+        q, k, v = self.qkv_proj.split_segments(qkv)
         q = q.reshape(-1, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        write_kv(cache[0], cache[1], k, v, meta.slot_mapping[group])
-        out = paged_attention(q, cache[0], cache[1], meta, self.kind is AttentionKind.LOCAL,
-                              self.scale, self.softcap, group)  # (T, Hq*D)
-        return self.o_proj(out)
+        write_kv(cache[0], cache[1], k, v, slots)
+        return q
 
 
 class GemmaMLP(nn.Module):
@@ -117,17 +130,17 @@ class GemmaDecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, eps) if sandwich else None
         self.post_ffw_norm = RMSNorm(config.hidden_size, eps) if sandwich else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, group: int = 0) -> torch.Tensor:
-        """(T, H) residual stream → (T, H); `group`: the layer's KV group (its block tables)."""
-        h = self.attn(self.input_norm(x), rope, cache, meta, group)
-        if self.post_attn_norm is not None:
-            h = self.post_attn_norm(h)
-        x = x + h
-        h = self.mlp(self.pre_ffw_norm(x))
-        if self.post_ffw_norm is not None:
-            h = self.post_ffw_norm(h)
-        return x + h
+    def forward(self, x: torch.Tensor, normed: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, group: int,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H) residual stream x and its input norm `normed` → the new residual stream and
+        next_norm of it (the next layer's input norm, or the final norm), both (T, H); each residual
+        step fuses the sublayer's post-norm, the add and the next norm (`residual_norm`).
+        `group`: the layer's KV group (its block tables)."""
+        h = self.attn(normed, rope, cache, meta, group)
+        x, normed = residual_norm(x, h, self.post_attn_norm, self.pre_ffw_norm)
+        h = self.mlp(normed)
+        return residual_norm(x, h, self.post_ffw_norm, next_norm)
 
 
 class GemmaForCausalLM(nn.Module):
@@ -154,9 +167,11 @@ class GemmaForCausalLM(nn.Module):
         x = x * _embedding_scale(self.config.hidden_size, x.dtype)
         ropes = self._rope_tables(positions, x.dtype)
         groups = getattr(kv_cache, "layer_group", None) or (0,) * len(self.layers)  # a plain list: one group
-        for layer, cache, group in zip(self.layers, kv_cache, groups):
-            x = layer(x, ropes[layer.kind], cache, meta, group)
-        return self.final_norm(x)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        normed = self.layers[0].input_norm(x)
+        for layer, cache, group, next_norm in zip(self.layers, kv_cache, groups, next_norms):
+            x, normed = layer(x, normed, ropes[layer.kind], cache, meta, group, next_norm)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor, gather: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """(N, H) → (N, vocab) fp32 logits, final softcap applied (vocab-parallel slice if not gather).

@@ -630,6 +630,28 @@ class RMSNorm(nn.Module):
         return self._scale
 
 
+def residual_norm(x: torch.Tensor, h: torch.Tensor, post: RMSNorm | None,
+                  pre: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's residual step: the new residual stream x + post(h) (x + h without a
+    post-norm, as in Gemma 1) and pre(it), the next sublayer's input; x, h (T, H). fp32 CPU rows take
+    one native call (rms_norm.c residual_rms_norm) with the same roundings as the norm, add and norm."""
+    if (x.dtype == torch.float32 and h.dtype == torch.float32 and x.is_cpu and x.dim() == 2 and x.shape == h.shape
+            and x.is_contiguous() and h.is_contiguous() and (post is None or post.eps == pre.eps)
+            and not torch.is_grad_enabled()):
+        lib = _norm_library()
+        if lib is not None:
+            total, normed = torch.empty_like(x), torch.empty_like(x)
+            threads = torch.get_num_threads() if x.numel() >= _NORM_SPLIT_VALUES else 1
+            lib.residual_rms_norm(x.data_ptr(), h.data_ptr(), x.shape[0], x.shape[1],
+                                  None if post is None else post.scale().data_ptr(), pre.scale().data_ptr(), pre.eps,
+                                  total.data_ptr(), normed.data_ptr(), threads)
+            return total, normed
+    if post is not None:
+        h = post(h)
+    x = x + h
+    return x, pre(x)
+
+
 # --------------------------------------------------------------------------- RoPE
 
 
@@ -678,12 +700,56 @@ def _native_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return y
 
 
+def native_attention_prologue(qkv: torch.Tensor, heads: int, kv_heads: int, q_norm: RMSNorm | None,
+                              k_norm: RMSNorm | None, cos: torch.Tensor, signed_sin: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+    """Everything between the fused QKV projection and attention in one native call (rope.c
+    attention_prologue): from qkv (T, (heads + 2 kv_heads) * D), q/k norms (both or neither), RoPE on
+    q and k, and the new keys and values stored at their cache slots (caches (pages, block_size,
+    kv_heads, D)); returns q (T, heads, D), each value rounded as the separate ops round it. None where
+    the kernel does not take these tensors (not fp32 CPU contiguous, autograd on, no kernel built):
+    the caller runs the ops."""
+    t, width = qkv.shape if qkv.dim() == 2 else (0, 0)
+    head_dim = k_cache.shape[-1]
+    if not (qkv.dtype == torch.float32 and qkv.is_cpu and width == (heads + 2 * kv_heads) * head_dim
+            and qkv.is_contiguous() and (q_norm is None) == (k_norm is None)
+            and (q_norm is None or q_norm.eps == k_norm.eps) and head_dim <= _PROLOGUE_MAX_HEAD_DIM
+            and cos.dtype == torch.float32 and signed_sin.dtype == torch.float32
+            and cos.shape == signed_sin.shape == (t, 1, head_dim) and cos.is_contiguous() and signed_sin.is_contiguous()
+            and k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.shape == v_cache.shape
+            and k_cache.shape[2] == kv_heads and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and slots.dtype == torch.int64 and slots.shape == (t,) and slots.is_contiguous()
+            and not torch.is_grad_enabled()):
+        return None
+    lib = _rope_library()
+    if lib is None:
+        return None
+    q = torch.empty(t, heads, head_dim, dtype=torch.float32)
+    threads = torch.get_num_threads() if qkv.numel() >= _NORM_SPLIT_VALUES else 1
+    norms = (None, None, 0.0) if q_norm is None else (q_norm.scale().data_ptr(), k_norm.scale().data_ptr(), q_norm.eps)
+    if lib.attention_prologue(qkv.data_ptr(), t, width, heads, kv_heads, head_dim, *norms, cos.data_ptr(),
+                              signed_sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                              slots.data_ptr(), k_cache.shape[0] * k_cache.shape[1], threads):
+        raise IndexError(f"attention_prologue: a slot of {slots.tolist()} is outside the cache's "
+                         f"{k_cache.shape[0] * k_cache.shape[1]} slots")
+    return q
+
+
+_PROLOGUE_MAX_HEAD_DIM = 1024  # rope.c's per-row scratch (PROLOGUE_MAX_HEAD_DIM)
+
+
 @functools.cache
 def _rope_library():
-    """The native rope kernel, typed; None where it cannot build (the torch form serves)."""
+    """The native rope kernel (and the attention prologue beside it), typed; None where it cannot
+    build (the torch form serves)."""
+    import ctypes
+
     def declare(lib, i64, ptr):
         lib.rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
         lib.rope.restype = None
+        lib.attention_prologue.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, ptr,
+                                           ptr, ptr, ptr, i64, i64]
+        lib.attention_prologue.restype = ctypes.c_int
 
     return _optional_native("rope", "RoPE", declare)
 
@@ -925,6 +991,8 @@ def _norm_library():
     def declare(lib, i64, ptr):
         lib.rms_norm.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_float, ptr, i64]
         lib.rms_norm.restype = None
+        lib.residual_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr, i64]
+        lib.residual_rms_norm.restype = None
 
     return _optional_native("rms_norm", "RMSNorm", declare)
 

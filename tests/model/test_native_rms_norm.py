@@ -91,3 +91,50 @@ def test_other_inputs_keep_the_torch_form_and_a_changed_weight_is_seen():
         after = norm(x)
     torch.testing.assert_close(after, torch_form(norm, x), rtol=3e-6, atol=1e-6)
     assert not torch.equal(before, after)
+
+
+def separate_ops(x: torch.Tensor, h: torch.Tensor, post: RMSNorm | None, pre: RMSNorm):
+    """The residual step as three ops: the (native) post-norm, the add, the (native) pre-norm."""
+    total = x + (h if post is None else post(h))
+    return total, pre(total)
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 640), (7, 37), (300, 64), (4096, 640)])
+@pytest.mark.parametrize("sandwich", [True, False])
+def test_fused_residual_step_is_bitwise_the_separate_norm_add_and_norm(rows, dim, sandwich):
+    post, pre = (norm_of(dim, 1) if sandwich else None), norm_of(dim, 2)
+    x, h = torch.randn(rows, dim) * 3.0, torch.randn(rows, dim) * 50.0
+    with torch.inference_mode():
+        total, normed = layers.residual_norm(x, h, post, pre)
+        want_total, want_normed = separate_ops(x, h, post, pre)
+    assert torch.equal(total, want_total) and torch.equal(normed, want_normed)
+    assert total.data_ptr() != x.data_ptr()  # x is read, never overwritten
+
+
+def test_fused_residual_rows_are_batch_and_thread_invariant():
+    post, pre = norm_of(640, 3), norm_of(640, 4)
+    x, h = torch.randn(2048, 640), torch.randn(2048, 640) * 20.0
+    with torch.inference_mode():
+        whole = layers.residual_norm(x, h, post, pre)
+        alone = layers.residual_norm(x[5:6].clone(), h[5:6].clone(), post, pre)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one_thread = layers.residual_norm(x, h, post, pre)
+        finally:
+            torch.set_num_threads(previous)
+    assert torch.equal(whole[0][5:6], alone[0]) and torch.equal(whole[1][5:6], alone[1])
+    assert torch.equal(whole[0], one_thread[0]) and torch.equal(whole[1], one_thread[1])
+
+
+def test_residual_step_off_the_native_path_is_the_same_ops():
+    post, pre = norm_of(16, 5), norm_of(16, 6)
+    x, h = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.enable_grad():  # autograd on: the torch form
+        total, normed = layers.residual_norm(x, h, post, pre)
+    with torch.inference_mode():
+        want_total, want_normed = separate_ops(x, h, post, pre)
+    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normed, want_normed, rtol=1e-5, atol=1e-5)
+    bf16 = layers.residual_norm(x.bfloat16(), h.bfloat16(), post, pre)
+    assert bf16[0].dtype == bf16[1].dtype == torch.bfloat16

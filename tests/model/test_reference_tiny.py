@@ -68,6 +68,41 @@ def test_logits_match_transformers(pair, chunk):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [SEQ_LEN, 1], ids=["full", "token_by_token"])
+def test_fused_cpu_steps_are_bitwise_the_separate_ops(pair, chunk, monkeypatch):
+    """On an AVX2 CPU the attention prologue and the residual steps run as fused native calls; the
+    logits and every key and value they write are bitwise those of the separate ops."""
+    from gemma_dist.model import gemma, layers
+    from gemma_dist.model.native import cpu_has_avx2
+
+    if not cpu_has_avx2():
+        pytest.skip("the fused kernels need an x86-64 CPU with AVX2 + FMA")
+    _, ours = pair
+    ids, table = _tokens(SEQ_LEN, seed=3), list(range(8))
+    fused_cache, separate_cache = _cache(ours), _cache(ours)
+    fused_calls = []
+
+    def counted_prologue(*args):
+        fused_calls.append(layers.native_attention_prologue(*args))
+        return fused_calls[-1]
+
+    monkeypatch.setattr(gemma, "native_attention_prologue", counted_prologue)
+    with torch.inference_mode():
+        fused = forward_chunks(ours, fused_cache, table, ids, chunk, BLOCK)
+        assert fused_calls and all(q is not None for q in fused_calls)  # every layer took the fused path
+
+        def separate_residual(x, h, post, pre):
+            x = x + (h if post is None else post(h))
+            return x, pre(x)
+
+        monkeypatch.setattr(gemma, "native_attention_prologue", lambda *args: None)
+        monkeypatch.setattr(gemma, "residual_norm", separate_residual)
+        separate = forward_chunks(ours, separate_cache, table, ids, chunk, BLOCK)
+    assert torch.equal(fused, separate)
+    for (k, v), (k_want, v_want) in zip(fused_cache, separate_cache):
+        assert torch.equal(k, k_want) and torch.equal(v, v_want)
+
+
 def test_two_sequences_in_one_step(pair):
     """A decode row and a prefill row in the same step see only their own cache."""
     reference, ours = pair

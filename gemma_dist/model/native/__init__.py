@@ -1,11 +1,11 @@
 """Native CPU kernels: C sources beside this file, compiled on first use and loaded with ctypes.
 
 A kernel builds with the system C compiler ($CC, else cc) for x86-64 with AVX2 and FMA, into
-$GEMMA_DIST_CACHE/native (default ~/.cache/gemma_dist/native) under a name that hashes the source
-and the flags, so an edited source rebuilds and concurrent processes (a replica's shard workers)
-never load a half-written library. Where it cannot build (no compiler, another architecture, a CPU
-without AVX2) `load` raises NativeUnavailable with the reason: callers that need the kernel fail
-loudly; none falls back silently.
+$GEMMA_DIST_CACHE/native (default ~/.cache/gemma_dist/native) under a name that hashes the source,
+the headers beside it (shared row helpers such as norm_row.h) and the flags, so an edited source
+rebuilds and concurrent processes (a replica's shard workers) never load a half-written library.
+Where it cannot build (no compiler, another architecture, a CPU without AVX2) `load` raises
+NativeUnavailable with the reason: callers that need the kernel fail loudly; none falls back silently.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def load(name: str, defines: tuple[tuple[str, str], ...] = (), hold_gil: bool = 
         raise NativeUnavailable(f"{name}: no C compiler ({compiler!r} not found; set $CC or install gcc)")
     source = SOURCES / f"{name}.c"
     flags = list(FLAGS) + [f"-D{key}={value}" for key, value in defines]
-    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCES.glob("*.h")))  # what sources may include
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,54 +1,20 @@
 /* Gemma's RMSNorm in one call (x86-64, AVX2 + FMA): y = (x * (1 / sqrt(mean(x^2) + eps))) * scale
- * per row of `dim` fp32 values, scale = 1 + w. The torch form runs six ops a norm (pow, mean, add,
- * rsqrt, two multiplies): a module call measured ~24 us for one 640-wide row, nearly all dispatch,
- * and Gemma 3 runs six norms per layer (3 ms a token of single-stream decode for the 270M model).
- * Through this kernel the whole call measured ~8 us, most of it ctypes and the output's allocation.
+ * per row of `dim` fp32 values, scale = 1 + w (one row's arithmetic: norm_row.h). The torch form
+ * runs six ops a norm (pow, mean, add, rsqrt, two multiplies): a module call measured ~24 us for
+ * one 640-wide row, nearly all dispatch, and Gemma 3 runs six norms per layer (3 ms a token of
+ * single-stream decode for the 270M model). Through this kernel the whole call measured ~8 us,
+ * most of it ctypes and the output's allocation.
  *
- * Rows are addressed as (outer, inner) with their own strides, so the q/k norm reads q and k in
- * place from the fused QKV projection's output; y is contiguous (outer, inner, dim). Each row's
- * sum of squares is one fixed sequence of operations (four 8-lane accumulators over the row, then
- * their fixed pairwise fold), whatever else is in the call or how many threads run: batch-invariant.
- * It is not the summation order of torch's mean, so results differ from the torch form's in the
- * last bits; the two multiplies round as torch's do (x * inv first, then * scale).
+ * `rms_norm` addresses rows as (outer, inner) with their own strides, so it reads strided views in
+ * place; y is contiguous (outer, inner, dim). `residual_rms_norm` fuses a decoder layer's residual
+ * step (Gemma 2/3's post-norm of the sublayer's output, the add to the residual stream, and the
+ * next sublayer's pre-norm): three ops and two allocations fewer per step, the same roundings.
+ * Each row is one fixed sequence of operations whatever else is in the call or how many threads
+ * run: batch-invariant.
  *
  * Built by gemma_dist/model/native/__init__.py (-O3 -mavx2 -mfma -fopenmp); called through ctypes.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-
-static float sum_of_squares(const float *x, int64_t dim) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t i = 0;
-    for (; i + 32 <= dim; i += 32) {
-        for (int a = 0; a < 4; a++) {
-            const __m256 v = _mm256_loadu_ps(x + i + 8 * a);
-            acc[a] = _mm256_fmadd_ps(v, v, acc[a]);
-        }
-    }
-    for (; i + 8 <= dim; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        acc[0] = _mm256_fmadd_ps(v, v, acc[0]);
-    }
-    const __m256 both = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float total = _mm_cvtss_f32(s);
-    for (; i < dim; i++) total += x[i] * x[i];
-    return total;
-}
-
-static void norm_row(const float *x, int64_t dim, const float *scale, float eps, float *y) {
-    const float inv = 1.0f / sqrtf(sum_of_squares(x, dim) / (float)dim + eps);
-    const __m256 vinv = _mm256_set1_ps(inv);
-    int64_t i = 0;
-    for (; i + 8 <= dim; i += 8) {
-        const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
-        _mm256_storeu_ps(y + i, _mm256_mul_ps(t, _mm256_loadu_ps(scale + i)));
-    }
-    for (; i < dim; i++) y[i] = (x[i] * inv) * scale[i];
-}
+#include "norm_row.h"
 
 /* Row r = (r / inner, r % inner) of x. */
 static inline const float *row_at(const float *x, int64_t r, int64_t inner, int64_t s_outer, int64_t s_inner) {
@@ -69,4 +35,35 @@ void rms_norm(const float *x, int64_t outer, int64_t inner, int64_t s_outer, int
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) norm_row(row_at(x, r, inner, s_outer, s_inner), dim, scale, eps, y + r * dim);
+}
+
+/* One row of residual_rms_norm: sum = x + (post ? norm(h, post) : h), normed = norm(sum, pre). */
+static void residual_row(const float *x, const float *h, int64_t dim, const float *post, const float *pre, float eps,
+                         float *sum, float *normed) {
+    const float *added = h;
+    if (post != NULL) {
+        norm_row(h, dim, post, eps, sum);  /* the post-norm lands in `sum`, then the add overwrites it */
+        added = sum;
+    }
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8)
+        _mm256_storeu_ps(sum + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(added + i)));
+    for (; i < dim; i++) sum[i] = x[i] + added[i];
+    norm_row(sum, dim, pre, eps, normed);
+}
+
+/* A decoder layer's residual step over `rows` contiguous rows of `dim` values: sum = x + post(h)
+ * (x + h where post_scale is NULL: Gemma 1 has no post-norms) and normed = pre(sum), each the exact
+ * roundings of the separate norm, add and norm. The rows split over `threads` OpenMP threads when
+ * there are at least two. */
+void residual_rms_norm(const float *x, const float *h, int64_t rows, int64_t dim, const float *post_scale,
+                       const float *pre_scale, float eps, float *sum, float *normed, int64_t threads) {
+    if (threads < 2 || rows < 2) {
+        for (int64_t r = 0; r < rows; r++)
+            residual_row(x + r * dim, h + r * dim, dim, post_scale, pre_scale, eps, sum + r * dim, normed + r * dim);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        residual_row(x + r * dim, h + r * dim, dim, post_scale, pre_scale, eps, sum + r * dim, normed + r * dim);
 }
