@@ -38,7 +38,7 @@ def attention(q, k_cache, v_cache, meta, local, softcap, native: bool, monkeypat
             return layers.paged_attention(q, k_cache, v_cache, meta, local, 0.125, softcap)
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(4, 1, 256), (8, 2, 32), (2, 2, 20)])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 1, 256), (8, 2, 32), (2, 2, 20), (12, 2, 24)])
 @pytest.mark.parametrize("window,softcap", [(None, None), (6, None), (None, 50.0)])
 def test_native_decode_attention_is_the_torch_forms_to_fp32_rounding(monkeypatch, hq, hkv, d, window, softcap):
     cached, query_lens = [0, 3, 9, 17, 30], [1, 1, 1, 1, 1]
