@@ -6,7 +6,8 @@ batched bench counts them when divided by its total time): N requests of P rando
 + O output tokens, and one stream of P + O; and that stream's decode phase alone (llama-bench's tg
 counts that). gemma_dist runs in this process (LLM.generate), with
 every linear layer and the LM head exact (fp32, prepacked oneDNN) or int8 (`quantize="int8"`:
-layers.Int8Blocks, int8 weights and activations in blocks of 16 values, fp16 weight scales).
+layers.Int8Blocks, int8 weights and activations in blocks of 16 values, the LM head's weights in
+blocks of 32, fp16 weight scales).
 
 With --llama-cpp DIR (a llama.cpp build's bin directory; a measuring stick only, never a
 dependency) the same run also runs, on the GGUF the default model comes from (Q4_K_M):

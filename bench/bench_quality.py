@@ -11,10 +11,10 @@ perplexity, and the argmax is compared with the fp32 model's argmax at the same 
     .venv/bin/python bench/bench_quality.py [--window 512] [--modes fp32,int8]
 
 Modes: fp32 (the exact mode: the reference) and int8 (`quantize="int8"`: layers.Int8Blocks, int8
-weights and activations with a scale per 16 values). Diagnostics, with --modes: fbgemm (the
-earlier candidate: fbgemm's int8 GEMM, weights per output row, 7-bit activations per row), and,
-computed in fp32 to say where per-row int8 loses, w8 (int8 weights per row dequantized,
-activations exact) and a8 (weights exact, activations rounded to 8 bits per row).
+weights and activations with a scale per 16 values, 32 for the LM head's weights). Diagnostics, with
+--modes: fbgemm (the earlier candidate: fbgemm's int8 GEMM, weights per output row, 7-bit
+activations per row), and, computed in fp32 to say where per-row int8 loses, w8 (int8 weights per
+row dequantized, activations exact) and a8 (weights exact, activations rounded to 8 bits per row).
 """
 
 from __future__ import annotations

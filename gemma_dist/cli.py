@@ -23,8 +23,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, device_help: str) -> No
                         help="weights and activations (default: bfloat16 on cuda/xla, float32 on cpu)")
     parser.add_argument("--quantize", default=None, choices=["int8"],
                         help="int8: on CPU, every linear layer and the LM head computes with int8 weights and "
-                             "int8 activations, one scale per 16 values (not exact: 97%% top-1 agreement; faster "
-                             "single-stream decode, slower batches; default: the exact --dtype weights)")
+                             "int8 activations, one scale per 16 values (32 for the LM head's weights; not exact: "
+                             "97%% top-1 agreement; faster single-stream decode, slower batches; default: the "
+                             "exact --dtype weights)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help=device_help)
 
 

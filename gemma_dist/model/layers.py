@@ -286,9 +286,14 @@ class PackedFp32(CpuKernel):
 # of 32 on both sides 96.7%, blocks of 16 97.4% (97.38% with the weights' scales in fp16). No kept
 # int8 GEMM takes block scales, hence the native kernel. On AVX2 without VNNI an int8 pair product
 # costs more instructions than an fp32 FMA does, so the mode pays off where the weights' bytes
-# bound the step (single-stream decode: the LM head at M = 1 reads 189 MB instead of 671 MB,
-# 7.4-8.1 against 34 ms) and costs time at batch (bench/bench_int8.py has the numbers).
-_Q8_BLOCK = 16  # values per int8 scale block along the reduction, on both operands
+# bound the step (single-stream decode: the LM head at M = 1 reads 178 MB instead of 671 MB,
+# 7.4-8.1 against 34 ms with 189) and costs time at batch (bench/bench_int8.py has the numbers).
+_Q8_BLOCK = 16  # values per int8 scale block along the reduction: activations, and every layer's weights but the head's
+# The LM head's weights (the tied embedding) take one scale per 32 values instead: GGUF checkpoints
+# store it as Q8_0 (int8, one fp16 scale per 32), which these blocks quantize back to its own codes
+# and scales (no error beyond the checkpoint's), and its 262,144 x 640 product at M = 1 streams 178
+# MB instead of 189. Top-1 agreement 97.43% (97.38% with 16; 97.34% with 32 on every layer).
+_Q8_HEAD_BLOCK = 32
 # Smaller products run on one thread (OpenMP hand-off: a one-row 640 x 1024 product measured 69 us
 # on one thread, 49 on two).
 _Q8_MIN_SPLIT_MACS = 1 << 16
@@ -296,24 +301,26 @@ _Q8_MIN_SPLIT_MACS = 1 << 16
 
 class Int8Blocks(CpuKernel):
     """x @ W^T with int8 weights and int8 activations, each with one scale per _Q8_BLOCK values of
-    the reduction (fp16 for W, fp32 for x; llama.cpp's Q8_0 with half the block), the block sums exact in
+    the reduction (the LM head's W per _Q8_HEAD_BLOCK; fp16 for W, fp32 for x; llama.cpp's Q8_0
+    with half the block), the block sums exact in
     int32: the native q8_gemm kernel (gemma_dist/model/native/q8_gemm.c), its output rows split
     over torch's thread count by the kernel's own threads. Each output is one fixed sequence of
     operations: batch-invariant. The reduction is zero-padded to a multiple of 32."""
 
     def __init__(self, weight: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, library):
         super().__init__(weight)
-        self.qweight, self.scales = qweight, scales  # (N, Kp) int8, (N, Kp / _Q8_BLOCK) fp16
+        self.qweight, self.scales = qweight, scales  # (N, Kp) int8, (N, Kp / weight block) fp16
         self.lib = library
         n, width = qweight.shape
         self.panel = max(4, (256 << 10) // width // 4 * 4)  # weight rows per panel: ~256 KB stays in cache
         self.split_rows = -(-_Q8_MIN_SPLIT_MACS // (n * width))  # from this many x rows, the threads split it
 
     @classmethod
-    def of(cls, weight: torch.Tensor) -> "Int8Blocks":
-        """Quantize W (N, K) block by block (raises native.NativeUnavailable without the kernel)."""
-        lib = _q8_library()
-        qweight, scales = _q8_quantize_weight(_pad_to_blocks(weight.detach().float().cpu()))
+    def of(cls, weight: torch.Tensor, weight_block: int = _Q8_BLOCK) -> "Int8Blocks":
+        """Quantize W (N, K) in blocks of `weight_block` values (_Q8_BLOCK, or _Q8_HEAD_BLOCK for the
+        LM head); raises native.NativeUnavailable without the kernel."""
+        lib = _q8_library(weight_block)
+        qweight, scales = _q8_quantize_weight(_pad_to_blocks(weight.detach().float().cpu()), weight_block)
         return cls(weight, qweight, scales, lib)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,16 +334,17 @@ class Int8Blocks(CpuKernel):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def _q8_library():
-    """The native q8 kernel with its argument types declared. Its calls hold the GIL and split
-    their work over the kernel's own threads: with the GIL released and a Python thread pool the
-    served int8 mode (a Ray worker, whose other threads may hold the GIL when a call comes back)
-    measured 0.91x the in-process engine, with this 1.03x (bench_serving --quantize int8)."""
+def _q8_library(weight_block: int = _Q8_BLOCK):
+    """The native q8 kernel for weights in blocks of `weight_block` values, its argument types
+    declared. Its calls hold the GIL and split their work over the kernel's own threads: with the
+    GIL released and a Python thread pool the served int8 mode (a Ray worker, whose other threads
+    may hold the GIL when a call comes back) measured 0.91x the in-process engine, with this 1.03x
+    (bench_serving --quantize int8)."""
     import ctypes
 
     from gemma_dist.model import native
 
-    lib = native.load("q8_gemm", (("QB", str(_Q8_BLOCK)),), hold_gil=True)
+    lib = native.load("q8_gemm", (("QB", str(_Q8_BLOCK)), ("WQB", str(weight_block))), hold_gil=True)
     if not getattr(lib, "_typed", False):
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.q8_quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr]
@@ -354,17 +362,18 @@ def _pad_to_blocks(x: torch.Tensor) -> torch.Tensor:
     return (F.pad(x, (0, pad)) if pad else x).contiguous()
 
 
-def _q8_quantize_weight(w: torch.Tensor, rows_per_pass: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights: W (N, K) fp32, K a multiple of _Q8_BLOCK → int8 codes (N, K) and fp16 scales (N, K /
-    _Q8_BLOCK). Per block: scale = max |w| / 127 rounded to fp16, codes = w / scale (the rounded one)
+def _q8_quantize_weight(w: torch.Tensor, block: int = _Q8_BLOCK,
+                        rows_per_pass: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights: W (N, K) fp32, K a multiple of `block` → int8 codes (N, K) and fp16 scales (N, K /
+    block). Per block: scale = max |w| / 127 rounded to fp16, codes = w / scale (the rounded one)
     rounded to the nearest integer, ties to even, within [-127, 127]; a zero block has scale 0 and
     codes 0. fp16 scales: at M = 1 the product streams the weights, and fp32 ones were a fifth of
     their bytes. `rows_per_pass` bounds the temporaries (the LM head is 262,144 rows)."""
     rows, width = w.shape
     codes = torch.empty(rows, width, dtype=torch.int8)
-    scales = torch.empty(rows, width // _Q8_BLOCK, dtype=torch.float16)
+    scales = torch.empty(rows, width // block, dtype=torch.float16)
     for start in range(0, rows, rows_per_pass):
-        blocks = w[start: start + rows_per_pass].reshape(-1, width // _Q8_BLOCK, _Q8_BLOCK)
+        blocks = w[start: start + rows_per_pass].reshape(-1, width // block, block)
         # (rows, blocks); a weight beyond ±127 * 65504 (no real checkpoint's) saturates at fp16's largest scale
         half = (blocks.abs().amax(dim=2) / 127.0).clamp_(max=65504.0).to(torch.float16)
         scale = half.float()[..., None]
@@ -901,7 +910,8 @@ def set_cpu_kernels(model: nn.Module, quantize: str | None = None, prepack: bool
             if kind is None or module.weight.device.type != "cpu" or narrow_lm_head:
                 kernel = None
             elif not (type(kernel) is kind and kernel.current(module.weight)):  # else: built from this weight already
-                kernel = kind.of(module.weight)
+                head = kind is Int8Blocks and isinstance(module, VocabParallelEmbedding)
+                kernel = kind.of(module.weight, _Q8_HEAD_BLOCK) if head else kind.of(module.weight)
             module.cpu_kernel = kernel
             count += kernel is not None
             if isinstance(module, VocabParallelEmbedding):

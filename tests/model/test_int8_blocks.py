@@ -30,26 +30,27 @@ def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.clamp(-127, 127).to(torch.int8).reshape(rows, width), (amax / 127.0).squeeze(2)
 
 
-def reference_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_quantize_weight(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row and block: scale = max|w| / 127 rounded to fp16, codes = w / that scale rounded to
     nearest (ties to even) within [-127, 127], in float64 from the fp16 scale."""
     rows, width = w.shape
-    blocks = w.double().reshape(rows, width // BLOCK, BLOCK)
-    scale = (w.reshape(rows, width // BLOCK, BLOCK).abs().amax(dim=2) / 127.0).half()
+    blocks = w.double().reshape(rows, width // block, block)
+    scale = (w.reshape(rows, width // block, block).abs().amax(dim=2) / 127.0).half()
     s = scale.double()[..., None]
     codes = torch.where(s > 0, blocks / s, torch.zeros((), dtype=torch.float64))
     return torch.round(codes).clamp(-127, 127).to(torch.int8).reshape(rows, width), scale
 
 
-def reference_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum over blocks of x_scale * w_scale * (int dot of the codes), in float64."""
+def reference_product(x: torch.Tensor, w: torch.Tensor, weight_block: int = BLOCK) -> torch.Tensor:
+    """sum over activation blocks of x_scale * (its weight block's) w_scale * (int dot of the codes), in float64."""
     xq, xd = reference_quantize(layers._pad_to_blocks(x))
-    wq, wd = reference_quantize_weight(layers._pad_to_blocks(w))
+    wq, wd = reference_quantize_weight(layers._pad_to_blocks(w), weight_block)
     rows, width = xq.shape
     xb = xq.double().reshape(rows, -1, BLOCK)
     wb = wq.double().reshape(w.shape[0], -1, BLOCK)
     dots = torch.einsum("mbi,nbi->mnb", xb, wb)  # exact: integers far below 2**53
-    return (dots * xd.double()[:, None, :] * wd.double()[None, :, :]).sum(dim=2)
+    w_scales = wd.double().repeat_interleave(weight_block // BLOCK, dim=1)  # each activation block's weight scale
+    return (dots * xd.double()[:, None, :] * w_scales[None, :, :]).sum(dim=2)
 
 
 def kernel_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,21 +92,36 @@ def test_weights_quantize_to_fp16_scales_and_the_codes_of_those_scales():
     assert huge_d[0, 0] == 65504 and (huge_q == 127).all()
 
 
+@pytest.mark.parametrize("weight_block", [BLOCK, layers._Q8_HEAD_BLOCK])
 @pytest.mark.parametrize("rows,out,width", [(1, 64, 128), (7, 37, 96), (33, 130, 40)])  # 40: padded to blocks
-def test_the_product_is_the_block_quantized_arithmetic(rows, out, width):
+def test_the_product_is_the_block_quantized_arithmetic(rows, out, width, weight_block):
     torch.manual_seed(rows)
     w, x = torch.randn(out, width) * 0.05, torch.randn(rows, width)
     x[:, 3] *= 40  # an outlier channel: only its own blocks lose resolution
+    w[:, 20] *= 30  # an outlier weight column: only its own weight blocks lose resolution
     with torch.inference_mode():
-        got = Int8Blocks.of(w)(x)
-    want = reference_product(x, w)
+        got = Int8Blocks.of(w, weight_block)(x)
+    want = reference_product(x, w, weight_block)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)  # fp32 sums of exact block dots
 
 
-def test_rows_do_not_depend_on_their_batch_or_the_thread_count():
+def test_a_q8_0_tensor_quantizes_back_to_its_own_codes_and_scales_in_head_blocks():
+    """GGUF's Q8_0 (the default checkpoint's tied embedding): int8 codes with one fp16 scale per 32
+    values, the largest code of a block +-127. Dequantized, the LM head's blocks recover both exactly."""
+    torch.manual_seed(5)
+    codes = torch.randint(-127, 128, (6, 4 * 32), dtype=torch.int8)
+    codes.view(6, 4, 32)[:, :, 7] = 127 * torch.where(torch.rand(6, 4) < 0.5, -1, 1).to(torch.int8)
+    scales = (torch.rand(6, 4) * 1e-2 + 1e-4).half()
+    dequantized = codes.float() * scales.float().repeat_interleave(32, dim=1)
+    q, d = layers._q8_quantize_weight(dequantized, layers._Q8_HEAD_BLOCK)
+    assert torch.equal(q, codes) and torch.equal(d, scales)
+
+
+@pytest.mark.parametrize("weight_block", [BLOCK, layers._Q8_HEAD_BLOCK])
+def test_rows_do_not_depend_on_their_batch_or_the_thread_count(weight_block):
     torch.manual_seed(3)
     w, x = torch.randn(1030, 256) * 0.05, torch.randn(37, 256)
-    kernel = Int8Blocks.of(w)
+    kernel = Int8Blocks.of(w, weight_block)
     threads = torch.get_num_threads()
     with torch.inference_mode():
         batch = kernel(x)
@@ -122,6 +138,7 @@ def test_rows_do_not_depend_on_their_batch_or_the_thread_count():
 def test_int8_mode_covers_every_parallel_layer_including_a_narrow_lm_head():
     embed = VocabParallelEmbedding(1000, 64, layers.ParallelContext())
     assert set_cpu_kernels(embed, quantize="int8") == 1 and isinstance(embed.cpu_kernel, Int8Blocks)
+    assert embed.cpu_kernel.scales.shape == (1000, 64 // layers._Q8_HEAD_BLOCK)  # the head's blocks
     assert set_cpu_kernels(embed) == 0 and embed.cpu_kernel is None  # back to fp32 (narrow: no packed kernel)
 
 

@@ -1,18 +1,18 @@
 /* Block-quantized int8 matrix products for the CPU int8 mode (x86-64, AVX2 + FMA + F16C).
  *
  * Both operands are int8 with one scale per block of QB values along the reduction: x (M, K) ->
- * xq (M, K) int8, xd (M, K / QB) fp32, and W (N, K) -> wq (N, K) int8, wd (N, K / QB) fp16 (IEEE
+ * xq (M, K) int8, xd (M, K / QB) fp32, and W (N, K) -> wq (N, K) int8, wd (N, K / WQB) fp16 (IEEE
  * half bits, widened by F16C: at M = 1 the product streams the weights from memory, and fp32 scales
  * were a fifth of its bytes at QB 16; the 262,144 x 640 LM head at M = 1 measured 7.4-8.1 ms with
  * fp16 scales against 9.3-10.5 with fp32 ones, alternating processes on a 2-core EPYC). Then
- *     y[m, n] = sum over blocks b of xd[m, b] * wd[n, b] * sum_{i in b} xq[m, i] * wq[n, i],
+ *     y[m, n] = sum over blocks b of xd[m, b] * wd[n, b * QB / WQB] * sum_{i in b} xq[m, i] * wq[n, i],
  * the inner sums exact in int32 (AVX2 has no int8 dot instruction without VNNI: |w| (u8) times
  * x * sign(w) (s8) by maddubs gives int16 pair sums, at most 2 * 127 * 127 < 2^15, so nothing
  * saturates while values stay in [-127, 127]; madd with ones widens them to int32).
  * Each y[m, n] is one fixed sequence of operations whatever M, N or the tiling: batch-invariant.
  *
- * Built by gemma_dist/model/native/__init__.py (-O3 -mavx2 -mfma -mf16c -fopenmp -DQB=<block>); called
- * through ctypes.
+ * Built by gemma_dist/model/native/__init__.py (-O3 -mavx2 -mfma -mf16c -fopenmp -DQB=<block>
+ * -DWQB=<weight block>); called through ctypes.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -24,6 +24,14 @@
 #endif
 #if QB != 32 && QB != 16
 #error "QB must be 16 or 32"
+#endif
+/* Values per weight scale block (default QB): 32 with QB 16 gives each weight scale to both 16-value
+ * halves of a chunk (the LM head's: a GGUF Q8_0 tensor quantizes back to its own codes and scales). */
+#ifndef WQB
+#define WQB QB
+#endif
+#if WQB != QB && !(QB == 16 && WQB == 32)
+#error "WQB must be QB, or 32 with QB 16"
 #endif
 
 /* Rows of x (M, K) fp32 (row stride ldx) to int8 blocks: q (M, K), d (M, K / QB). Symmetric:
@@ -72,9 +80,9 @@ static inline __m256 chunk_scales(const float *d, int64_t j) {
 #endif
 }
 
-/* chunk_scales of a weight row's fp16 scales (d: half bits), widened to fp32. */
+/* chunk_scales of a weight row's fp16 scales (d: half bits, one per WQB values), widened to fp32. */
 static inline __m256 chunk_scales_h(const uint16_t *d, int64_t j) {
-#if QB == 32
+#if WQB == 32
     return _mm256_set1_ps(_cvtsh_ss(d[j]));
 #else
     int32_t pair;  /* blocks 2j, 2j + 1 */
@@ -103,13 +111,13 @@ static inline float hsum(__m256 v) {
 /* y rows m, m + 1 at columns n .. n + 3 (rows past n_end are computed from row n, not stored). */
 static void tile_2x4(const int8_t *xq, const float *xd, int64_t k, const int8_t *wq, const uint16_t *wd,
                      int64_t n, int64_t n_end, float *y, int64_t ldy) {
-    const int64_t chunks = k / 32, blocks = k / QB;
+    const int64_t chunks = k / 32, blocks = k / QB, w_blocks = k / WQB;
     const int8_t *w[4];
     const uint16_t *s[4];
     for (int r = 0; r < 4; r++) {
         const int64_t row = n + r < n_end ? n + r : n;
         w[r] = wq + row * k;
-        s[r] = wd + row * blocks;
+        s[r] = wd + row * w_blocks;
     }
     const int8_t *x0 = xq, *x1 = xq + k;
     const float *d0 = xd, *d1 = xd + blocks;
@@ -138,10 +146,10 @@ static void tile_2x4(const int8_t *xq, const float *xd, int64_t k, const int8_t 
  * GB/s there, this ~12). The same operations per output as tile_2x4: bitwise its results. */
 static void row_by_row(const int8_t *xq, const float *xd, int64_t k, const int8_t *wq, const uint16_t *wd,
                        int64_t n0, int64_t n1, float *y) {
-    const int64_t chunks = k / 32, blocks = k / QB;
+    const int64_t chunks = k / 32, w_blocks = k / WQB;
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *w = wq + n * k;
-        const uint16_t *s = wd + n * blocks;
+        const uint16_t *s = wd + n * w_blocks;
         _mm_prefetch((const char *)(w + 4 * k), _MM_HINT_T0);
         __m256 acc = _mm256_setzero_ps();
         for (int64_t j = 0; j < chunks; j++) {
