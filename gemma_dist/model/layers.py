@@ -302,10 +302,10 @@ _Q8_MIN_SPLIT_MACS = 1 << 16
 class Int8Blocks(CpuKernel):
     """x @ W^T with int8 weights and int8 activations, each with one scale per _Q8_BLOCK values of
     the reduction (the LM head's W per _Q8_HEAD_BLOCK; fp16 for W, fp32 for x; llama.cpp's Q8_0
-    with half the block), the block sums exact in
-    int32: the native q8_gemm kernel (gemma_dist/model/native/q8_gemm.c), its output rows split
-    over torch's thread count by the kernel's own threads. Each output is one fixed sequence of
-    operations: batch-invariant. The reduction is zero-padded to a multiple of 32."""
+    with half the block), the block sums exact in int32: the native q8_gemm kernel
+    (gemma_dist/model/native/q8_gemm.c), its output rows split over torch's thread count by the
+    kernel's own threads. Each output is one fixed sequence of operations: batch-invariant. The
+    reduction is zero-padded to a multiple of 32."""
 
     def __init__(self, weight: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, library):
         super().__init__(weight)
