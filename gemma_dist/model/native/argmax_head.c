@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "lanes.h"
+
 #define NR 16 /* vocabulary rows per panel: two 8-wide vectors */
 #define MR 6  /* x rows per tile: 6 x 2 accumulators + 2 panel vectors + 1 broadcast of 16 registers */
 
@@ -35,13 +37,6 @@ void pack_panels(const float *w, int64_t v, int64_t k, float *packed) {
     }
 }
 
-static inline float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
-
 /* Fold one row's 16 logits of panel `col` (columns col .. col + 15, those at or past `limit`
  * ignored) into its running best. The vector maximum first: a tile rarely beats the row's best,
  * and only then is it stored and scanned for its first maximal column. */
@@ -54,7 +49,7 @@ static inline void fold(__m256 lo, __m256 hi, int64_t col, int64_t limit, float 
         lo = _mm256_loadu_ps(vals);
         hi = _mm256_loadu_ps(vals + 8);
     }
-    const float top = hmax(_mm256_max_ps(lo, hi));
+    const float top = hmax8(_mm256_max_ps(lo, hi));
     if (!(top > *best)) return;
     float vals[NR];
     _mm256_storeu_ps(vals, lo);
@@ -164,7 +159,7 @@ void rows_argmax(const float *y, int64_t m, int64_t n, int64_t ld, float *best, 
         __m256 acc = _mm256_set1_ps(-INFINITY);
         int64_t j = 0;
         for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(_mm256_loadu_ps(row + j), acc); /* NaN in the load: acc kept */
-        float top = hmax(acc);
+        float top = hmax8(acc);
         for (; j < n; j++)
             if (row[j] > top) top = row[j];
         best[r] = top;

@@ -18,14 +18,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "lanes.h"
+
 /* The fold of a dot product's two 8-lane accumulators into one float, in a fixed order. */
-static inline float fold(__m256 acc0, __m256 acc1) {
-    const __m256 both = _mm256_add_ps(acc0, acc1);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+static inline float fold(__m256 acc0, __m256 acc1) { return hsum8(_mm256_add_ps(acc0, acc1)); }
 
 /* a . b over d values: accumulator 0 takes the even 8-value steps, 1 the odd ones (and a last odd
  * 8 goes to 0), then `fold`, then the tail by FMAs. `dots4` runs exactly these operations for four

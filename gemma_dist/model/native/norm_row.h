@@ -15,6 +15,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "lanes.h"
+
 static float sum_of_squares(const float *x, int64_t dim) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t i = 0;
@@ -28,11 +30,7 @@ static float sum_of_squares(const float *x, int64_t dim) {
         const __m256 v = _mm256_loadu_ps(x + i);
         acc[0] = _mm256_fmadd_ps(v, v, acc[0]);
     }
-    const __m256 both = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float total = _mm_cvtss_f32(s);
+    float total = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     for (; i < dim; i++) total = fmaf(x[i], x[i], total);
     return total;
 }

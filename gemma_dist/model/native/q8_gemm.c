@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lanes.h"
+
 #ifndef QB
 #define QB 32
 #endif
@@ -50,10 +52,7 @@ void q8_quantize(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *q, f
                 part[i] = _mm256_loadu_ps(v + 8 * i);
                 amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, part[i]));
             }
-            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-            const float top = _mm_cvtss_f32(m4);
+            const float top = hmax8(amax);
             d[row * blocks + b] = top / 127.0f;
             const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
             int8_t *out = q + row * k + b * QB;
@@ -99,13 +98,6 @@ static inline __m256 chunk_dot(__m256i aw, __m256i w, __m256i x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
 }
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 #define LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
 
 /* y rows m, m + 1 at columns n .. n + 3 (rows past n_end are computed from row n, not stored). */
@@ -138,7 +130,7 @@ static void tile_2x4(const int8_t *xq, const float *xd, int64_t k, const int8_t 
     }
     const __m256 acc[2][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
     for (int c = 0; c < 2; c++)
-        for (int r = 0; r < 4 && n + r < n_end; r++) y[c * ldy + n + r] = hsum(acc[c][r]);
+        for (int r = 0; r < 4 && n + r < n_end; r++) y[c * ldy + n + r] = hsum8(acc[c][r]);
 }
 
 /* y[n0:n1] of one x row: the weight rows one after another, a single sequential stream (at M = 1
@@ -157,7 +149,7 @@ static void row_by_row(const int8_t *xq, const float *xd, int64_t k, const int8_
             acc = _mm256_fmadd_ps(chunk_dot(aw, wv, LOAD(xq + 32 * j)),
                                   _mm256_mul_ps(chunk_scales(xd, j), chunk_scales_h(s, j)), acc);
         }
-        y[n] = hsum(acc);
+        y[n] = hsum8(acc);
     }
 }
 
