@@ -166,7 +166,8 @@ def main() -> int:
         print("  ray is not installed: measuring the in-process engine only", file=sys.stderr)
         serve_tps = []
 
-    work = prompts(args.clients, args.prompt_len, open_checkpoint(args.model).config.vocab_size)
+    vocab = open_checkpoint(args.model).config.vocab_size
+    work = prompts(args.clients, args.prompt_len, vocab)
     engine_runs = [fresh_engine_throughput(args.model, args.dtype, device, work, args.output_len, args.quantize)]
     print(f"  in-process engine: {engine_runs[0]:.1f} tok/s", file=sys.stderr)
     model_dir = None if args.model == "default" else args.model
@@ -179,6 +180,9 @@ def main() -> int:
         proc, target, cold = start_server(tp, args.model, args.dtype, device,
                                           extra_args=("--quantize", args.quantize) if args.quantize else ())
         try:
+            # The same warm-up as the in-process engine's (other prompts, so nothing measured is cached):
+            # first-time costs (each shape's first kernels, first touches of the KV cache) stay out of both.
+            run_clients(target, prompts(2, args.prompt_len, vocab, seed=1), 4)
             served[tp] = {**run_clients(target, work, args.output_len), "cold": cold}
         finally:
             stop_server(proc)

@@ -491,7 +491,11 @@ def worker_env() -> dict[str, str]:
     briefly, then sleep). Measured on a 2-core host (real Gemma 3 270M, 32 x (128 + 128) over gRPC,
     tp=1): PASSIVE 123 tok/s and 5.4 s to the first token (a prefill opens thousands of small
     parallel regions, each waking sleeping threads), the default 160 tok/s and 4.2 s, ACTIVE 158
-    tok/s and 4.4 s while spinning every idle worker thread forever."""
+    tok/s and 4.4 s while spinning every idle worker thread forever. A shorter spin than the default
+    (GOMP_SPINCOUNT=3000 against libgomp's 300,000 rounds) cut the worker's CPU on the tiny overhead
+    model (256 streams) by about 15%, but served the real 270M at 106-121 tok/s against 124-138 with
+    the default, servers alternating bursts in one run: not adopted (bench/bench_ab.py compares such
+    settings)."""
     import os
 
     return {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if name in os.environ}
