@@ -7,7 +7,10 @@ table, and whether to sample after it (not after a mid-prompt chunk).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import logging
+import os
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -21,6 +24,49 @@ from gemma_dist.sampling import Sampler, SampleResult, SamplingRow, sample_vocab
 
 if TYPE_CHECKING:
     from gemma_dist.engine.persistent_batch import PreparedStep
+
+
+log = logging.getLogger(__name__)
+
+# glibc malloc settings for a process computing on CPU tensors (see tune_malloc_for_tensors).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
+MALLOC_SETTINGS = {
+    _M_MMAP_THRESHOLD: 32 << 20,  # blocks below 32 MiB (glibc's largest allowed) come from the heap, not mmap
+    _M_TRIM_THRESHOLD: 1 << 30,  # the heap gives memory back to the OS only past 1 GiB free at its top
+    _M_TOP_PAD: 64 << 20,  # and grows 64 MiB beyond what a request needs
+}
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc_for_tensors() -> bool:
+    """Keep a CPU runner's freed tensor memory in the process (once per process; glibc only; off
+    with GEMMA_DIST_MALLOC_TUNING=0). Returns whether the settings are in force.
+
+    glibc maps each block over 128 KiB afresh and unmaps it on free, and returns the top of its
+    heap to the OS as soon as it frees: a step's activations (MiBs each, allocated and freed per
+    op; torch's CPU allocator has no cache of its own) then fault in zeroed pages every time. A
+    16 MiB tensor allocated and freed step after step faulted in 3,584 pages a step with glibc's
+    defaults here, none with these settings. Measured on a 2-core EPYC (Gemma 3 270M, fp32, 32 x
+    (128 + 128), a fresh LLM three times in one process, three processes each): 143-158 tok/s for
+    the first LLM of a process with glibc's defaults (later ones 155-176, as glibc's own
+    thresholds adapt), 170-191 with these settings (later ones 171-189). A shard worker is always
+    a new process. The price: the process keeps up to 1 GiB of freed memory for reuse.
+    """
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    if os.environ.get("GEMMA_DIST_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators behave otherwise
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    _malloc_tuned = all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
+    if not _malloc_tuned:
+        log.warning("glibc refused a malloc setting; CPU steps may keep faulting in fresh pages")
+    return _malloc_tuned
 
 
 @dataclasses.dataclass
@@ -112,6 +158,8 @@ class ModelRunner:
         self.num_pages = num_blocks * self.kv_groups  # what the engine's BlockManager hands out
         dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            tune_malloc_for_tensors()  # before the KV cache and the first step allocate
         self.attention = _resolve_attention(attention, self.device, block_size)
         on_cuda = self.device.type == "cuda"
         if on_cuda:  # Triton launches and graph capture use the current device
