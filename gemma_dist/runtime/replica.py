@@ -495,10 +495,14 @@ def worker_env() -> dict[str, str]:
     (GOMP_SPINCOUNT=3000 against libgomp's 300,000 rounds) cut the worker's CPU on the tiny overhead
     model (256 streams) by about 15%, but served the real 270M at 106-121 tok/s against 124-138 with
     the default, servers alternating bursts in one run: not adopted (bench/bench_ab.py compares such
-    settings)."""
+    settings). Also GEMMA_DIST_MALLOC_TUNING (engine.model_runner.tune_malloc_for_tensors), so a
+    setting reaches workers on every node of a cluster."""
     import os
 
-    return {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if name in os.environ}
+    return {name: os.environ[name] for name in WORKER_ENV_NAMES if name in os.environ}
+
+
+WORKER_ENV_NAMES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GEMMA_DIST_MALLOC_TUNING")  # serve's, passed on
 
 
 def replica_bundles(tp: int, device: str, cpus: float, nodes: list[dict]) -> list[dict]:

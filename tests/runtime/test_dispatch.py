@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 from gemma_dist import SamplingParams  # noqa: E402
 from gemma_dist.engine.llm_engine import EngineConfig  # noqa: E402
-from gemma_dist.runtime.replica import RayReplica, resolve_dispatch  # noqa: E402
+from gemma_dist.runtime.replica import RayReplica, resolve_dispatch, worker_env  # noqa: E402
 
 GOLDEN = {c["kind"]: c for c in json.loads(
     (Path(__file__).parent.parent / "data" / "gemma3_270m_greedy.json").read_text())["cases"]}
@@ -34,6 +34,16 @@ def replicas(ray_cluster):
 
 async def run(replica, prompt: str, params: SamplingParams, request_id: str):
     return [d async for d in replica.generate(request_id, params, prompt=prompt)]
+
+
+def test_workers_get_the_servers_threading_and_allocator_settings(monkeypatch):
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GEMMA_DIST_MALLOC_TUNING"):
+        monkeypatch.delenv(name, raising=False)
+    assert worker_env() == {}  # OpenMP's and our defaults
+    monkeypatch.setenv("GOMP_SPINCOUNT", "30000")
+    monkeypatch.setenv("GEMMA_DIST_MALLOC_TUNING", "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # not passed: each worker sets its own thread count
+    assert worker_env() == {"GOMP_SPINCOUNT": "30000", "GEMMA_DIST_MALLOC_TUNING": "0"}
 
 
 def test_auto_dispatch_spins_no_core_on_cpu_hosts():
