@@ -4,8 +4,8 @@
 A shared 2-core host drifts by 10-20% within minutes, more than most changes to the serving
 stack are worth, so two servers measured one after the other compare the machine's phases, not
 the configurations. This starts both servers (`gemma-dist serve`, each with its own local Ray
-cluster; the idle one costs little), then sends the same burst (S concurrent gRPC streams of P
-random prompt tokens + O output tokens, greedy) to A, then B, then A again, for R rounds, and
+cluster; the idle one costs little), then sends bursts of one shape (S concurrent gRPC streams
+of P random prompt tokens + O output tokens, greedy) to A, then B, then A again, for R rounds, and
 reports each configuration's output tok/s range and CPU-seconds per 1,000 tokens by process
 role (gateway, coordinator, shard workers, Ray's own, this client; a steadier measure than tok/s
 where the machine is saturated). Each burst has prompts of its own (no prefix-cache hits), and

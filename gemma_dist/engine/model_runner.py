@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -35,9 +36,9 @@ MALLOC_SETTINGS = {
     _M_TRIM_THRESHOLD: 1 << 30,  # the heap gives memory back to the OS only past 1 GiB free at its top
     _M_TOP_PAD: 64 << 20,  # and grows 64 MiB beyond what a request needs
 }
-_malloc_tuned: bool | None = None
 
 
+@functools.cache
 def tune_malloc_for_tensors() -> bool:
     """Keep a CPU runner's freed tensor memory in the process (once per process; glibc only; off
     with GEMMA_DIST_MALLOC_TUNING=0). Returns whether the settings are in force.
@@ -52,10 +53,6 @@ def tune_malloc_for_tensors() -> bool:
     thresholds adapt), 170-191 with these settings (later ones 171-189). A shard worker is always
     a new process. The price: the process keeps up to 1 GiB of freed memory for reuse.
     """
-    global _malloc_tuned
-    if _malloc_tuned is not None:
-        return _malloc_tuned
-    _malloc_tuned = False
     if os.environ.get("GEMMA_DIST_MALLOC_TUNING", "1") == "0":
         return False
     try:
@@ -63,10 +60,10 @@ def tune_malloc_for_tensors() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators behave otherwise
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _malloc_tuned = all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
-    if not _malloc_tuned:
+    tuned = all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
+    if not tuned:
         log.warning("glibc refused a malloc setting; CPU steps may keep faulting in fresh pages")
-    return _malloc_tuned
+    return tuned
 
 
 @dataclasses.dataclass

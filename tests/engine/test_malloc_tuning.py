@@ -18,9 +18,12 @@ def test_settings_are_in_force_once_per_process():
 
 
 def test_opting_out_leaves_the_allocator_alone(monkeypatch):
-    monkeypatch.setattr(model_runner, "_malloc_tuned", None)
+    model_runner.tune_malloc_for_tensors.cache_clear()  # as in a fresh process
     monkeypatch.setenv("GEMMA_DIST_MALLOC_TUNING", "0")
-    assert not model_runner.tune_malloc_for_tensors()
+    try:
+        assert not model_runner.tune_malloc_for_tensors()
+    finally:
+        model_runner.tune_malloc_for_tensors.cache_clear()  # the next caller decides afresh
 
 
 @glibc
